@@ -1,0 +1,1 @@
+"""Ebbtide's data plane (public API). Filled in as the engine lands."""

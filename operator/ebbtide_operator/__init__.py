@@ -1,0 +1,1 @@
+"""Ebbtide's control plane: the Kopf operator (see issue: Kubernetes operator)."""
