@@ -1,1 +1,95 @@
-"""Ebbtide's data plane (public API). Filled in as the engine lands."""
+"""Ebbtide's data plane: journals, checkpoints and recovery (the engine's public API).
+
+The operator and the CLI use only the names exported here::
+
+    spec = VpgSpec.parse("demo", {...})           # or VpgSpec.from_resource(yaml_doc)
+    store = open_store("s3://bucket/prefix?endpoint=http://127.0.0.1:9000")
+    async with await VpgRuntime.open(spec, store) as runtime:
+        await runtime.write("web", "root", 0, b"...")
+        checkpoint = await runtime.checkpoint(tag="before-upgrade")
+    await recover_to_files(store, "demo", CheckpointSelector(tag="before-upgrade"), out_dir)
+"""
+
+from ebbtide_engine._errors import (
+    AccessDenied,
+    BucketNotFound,
+    CheckpointNotFound,
+    CorruptObjectError,
+    EbbtideError,
+    FencedError,
+    InvalidRequest,
+    ObjectExists,
+    ObjectNotFound,
+    PreconditionFailed,
+    RuntimeClosed,
+    SpecError,
+    StorageError,
+    StorageUnavailable,
+)
+from ebbtide_engine._index import Checkpoint, CheckpointKind
+from ebbtide_engine._recovery import (
+    CheckpointSelector,
+    RecoveredDisk,
+    RecoveryResult,
+    list_checkpoints,
+    recover_to_files,
+)
+from ebbtide_engine._runtime import RuntimeOptions, RuntimeStatus, VoidWrites, VpgRuntime
+from ebbtide_engine._spec import (
+    DiskSpec,
+    JournalSpec,
+    VmSpec,
+    VpgSpec,
+    parse_duration,
+    parse_quantity,
+)
+from ebbtide_engine.storage import (
+    LocalStore,
+    MemoryStore,
+    ObjectStore,
+    S3Credentials,
+    StorageAccount,
+    open_store,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "BucketNotFound",
+    "Checkpoint",
+    "CheckpointKind",
+    "CheckpointNotFound",
+    "CheckpointSelector",
+    "CorruptObjectError",
+    "DiskSpec",
+    "EbbtideError",
+    "FencedError",
+    "InvalidRequest",
+    "JournalSpec",
+    "LocalStore",
+    "MemoryStore",
+    "ObjectExists",
+    "ObjectNotFound",
+    "ObjectStore",
+    "PreconditionFailed",
+    "RecoveredDisk",
+    "RecoveryResult",
+    "RuntimeClosed",
+    "RuntimeOptions",
+    "RuntimeStatus",
+    "S3Credentials",
+    "SpecError",
+    "StorageAccount",
+    "StorageError",
+    "StorageUnavailable",
+    "VmSpec",
+    "VoidWrites",
+    "VpgRuntime",
+    "VpgSpec",
+    "list_checkpoints",
+    "open_store",
+    "parse_duration",
+    "parse_quantity",
+    "recover_to_files",
+]

@@ -62,3 +62,11 @@ class FencedError(EbbtideError):
 
 class CheckpointNotFound(EbbtideError):
     """No durable checkpoint matches what was asked for."""
+
+
+class InvalidRequest(EbbtideError):
+    """A write, trim or checkpoint request is malformed (unknown disk, out of range...)."""
+
+
+class RuntimeClosed(EbbtideError):
+    """The VPG runtime was closed (or failed) and takes no more requests."""

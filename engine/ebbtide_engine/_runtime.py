@@ -1,0 +1,565 @@
+"""A VPG runtime: the writer side of one Virtual Protection Group.
+
+It owns the VPG's journals while it holds the writer lease: every write,
+trim and zero-write gets the next VPG-wide LSN and lands in its VM's
+buffer; buffers are sealed at each checkpoint (and on size) and uploaded by
+``upload_concurrency`` workers; a checkpoint is committed to the index only
+after every segment sealed before it is durable, and checkpoints commit in
+LSN order. Memory for unshipped data is bounded by ``maxUnshippedBytes``:
+past it, ``write()`` waits (the NBD endpoint then delays its replies), so a
+slow or failing bucket slows the writer and grows the RPO, and never drops a
+write. Failed uploads are retried with backoff until they land.
+
+What it stores: nothing locally. On open it rebuilds everything from the
+bucket (next LSN, checkpoints, whether the previous writer stopped cleanly
+and which of its writes are void) and records a takeover in the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from ebbtide_engine import _errors, _format, _index, _journal, _keys, _lease, _spec
+from ebbtide_engine.storage import _base
+
+logger = logging.getLogger("ebbtide.runtime")
+
+CheckpointKind = _index.CheckpointKind
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeOptions:
+    """How a runtime starts and behaves; the defaults suit production."""
+
+    writer_id: str | None = None
+    takeover: _lease.Takeover = "wait"
+    lease_seconds: float = 15.0
+    auto_checkpoints: bool = True
+    compact_every: int = 256
+    retry_initial_seconds: float = 0.2
+    retry_max_seconds: float = 10.0
+    clock: Callable[[], float] = time.time
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VoidWrites:
+    """What a previous writer left that no checkpoint covers (found at start)."""
+
+    previous_epoch: int
+    clean_shutdown: bool
+    last_checkpoint: int  # the last committed cut; writes above it are void
+    void_segments: int  # segments uploaded above that cut (kept, never read)
+    void_bytes: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RuntimeStatus:
+    """A point-in-time view of a runtime, for status displays and the operator."""
+
+    vpg: str
+    state: str  # "protecting", "fenced", "closed"
+    epoch: int
+    writer: str
+    next_lsn: int
+    last_checkpoint: _index.Checkpoint | None
+    rpo_seconds: float | None  # now minus the last durable checkpoint's time
+    unshipped_bytes: int
+    shipped_bytes: int
+    journal_bytes: dict[str, int]  # per VM, segment bytes in the bucket (this and earlier epochs)
+    pending_uploads: int
+    pending_checkpoints: int
+    upload_retries: int
+    last_error: str | None
+    previous_writer: VoidWrites | None
+
+
+@dataclasses.dataclass(slots=True)
+class _Upload:
+    segment: _journal.SealedSegment
+    done: asyncio.Future[None]
+
+
+@dataclasses.dataclass(slots=True)
+class _PendingCommit:
+    record: _format.IndexRecord
+    uploads: list[_Upload]
+    future: asyncio.Future[_index.Checkpoint | None]
+
+
+class VpgRuntime:
+    """The writer of one VPG. Create with :meth:`open`; always :meth:`close` (or ``async with``)."""
+
+    def __init__(self) -> None:
+        raise TypeError("use `await VpgRuntime.open(spec, store)`")
+
+    @classmethod
+    async def open(
+        cls,
+        spec: _spec.VpgSpec,
+        store: _base.ObjectStore,
+        *,
+        options: RuntimeOptions | None = None,
+    ) -> VpgRuntime:
+        """Take the VPG's writer lease, rebuild state from the bucket and start protecting.
+
+        Raises ``BucketNotFound`` / ``AccessDenied`` / ``StorageUnavailable``
+        if the storage account is not usable, and ``FencedError`` if another
+        live writer holds the VPG (see ``RuntimeOptions.takeover``).
+        """
+        self = object.__new__(cls)
+        await self._start(spec, store, options or RuntimeOptions())
+        return self
+
+    async def _start(
+        self, spec: _spec.VpgSpec, store: _base.ObjectStore, options: RuntimeOptions
+    ) -> None:
+        self.spec = spec
+        self._store = store
+        self._options = options
+        self._clock = options.clock
+        self._layout = _keys.VpgLayout(spec.name)
+        self._writer_id = options.writer_id or _lease.default_writer_id()
+        await store.check()
+        self._lease = await _lease.WriterLease.acquire(
+            store,
+            self._layout,
+            self._writer_id,
+            lease_seconds=options.lease_seconds,
+            takeover=options.takeover,
+            clock=self._clock,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._uploads: collections.deque[_Upload] = collections.deque()  # not yet durable
+        self._queue: asyncio.Queue[_Upload] = asyncio.Queue()
+        self._commits: collections.deque[_PendingCommit] = collections.deque()
+        self._commit_wakeup = asyncio.Event()
+        self._space = asyncio.Condition()
+        self._unshipped = 0
+        self._shipped = 0
+        self._retries = 0
+        self._last_error: str | None = None
+        try:
+            await self._takeover()
+        except BaseException:
+            with contextlib.suppress(_errors.EbbtideError):
+                await self._lease.release()
+            raise
+        self._buffers = {
+            vm.name: _journal.JournalBuffer(self._layout, vm.name, [d.name for d in vm.disks])
+            for vm in spec.vms
+        }
+        self._sizes = {(vm.name, d.name): d.size for vm in spec.vms for d in vm.disks}
+        for _ in range(spec.journal.upload_concurrency):
+            self._spawn(self._upload_worker())
+        self._spawn(self._committer())
+        self._spawn(self._renewer())
+        if options.auto_checkpoints:
+            self._spawn(self._ticker())
+
+    async def _takeover(self) -> None:
+        """Load the index, find what the previous writer left, and record our epoch."""
+        epoch = self._lease.epoch
+        for _attempt in range(10):
+            state, _manifest = await _index.load(self._store, self._layout)
+            last_cut = state.last_checkpoint.id if state.last_checkpoint else 0
+            max_lsn, void_segments, void_bytes = state.max_lsn, 0, 0
+            journal_bytes: dict[str, int] = {}
+            open_epochs = {r.epoch: r for r in state.epochs if r.end is None}
+            ranges = {r.epoch: r for r in state.epochs}
+            async for info in self._store.list(self._layout.journals_prefix):
+                name = self._layout.parse_segment(info.key)
+                max_lsn = max(max_lsn, name.last_lsn)
+                known = ranges.get(name.epoch)
+                if known is None:
+                    continue  # an epoch that never recorded a takeover wrote nothing valid
+                if name.epoch in open_epochs and name.last_lsn > last_cut:
+                    void_segments += 1
+                    void_bytes += info.size
+                elif known.end is None or name.first_lsn <= known.end:
+                    journal_bytes[name.vm] = journal_bytes.get(name.vm, 0) + info.size
+            self._previous = None
+            if state.epochs:
+                self._previous = VoidWrites(
+                    previous_epoch=state.epochs[-1].epoch,
+                    clean_shutdown=bool(state.clean_shutdown),
+                    last_checkpoint=last_cut,
+                    void_segments=void_segments,
+                    void_bytes=void_bytes,
+                )
+            start = max_lsn + 1
+            now_ns = int(self._clock() * 1e9)
+            records = [
+                _format.IndexRecord(
+                    record=_format.RECORD_TAKEOVER,
+                    seq=0,
+                    lsn=start,
+                    time_ns=now_ns,
+                    epoch=epoch,
+                    detail=_json(writer=self._writer_id, valid_through=last_cut),
+                    positions=tuple(sorted(state.positions.get(last_cut, {}).items())),
+                )
+            ]
+            layout = self.spec.disk_sizes()
+            if state.layout_at(start) != layout:
+                records.append(_index.config_record(start, now_ns, epoch, layout))
+            self._index = _index.IndexWriter(
+                self._store,
+                self._layout,
+                self._lease,
+                state,
+                compact_every=self._options.compact_every,
+            )
+            if await self._index.try_append(records):
+                self._next_lsn = start
+                self._journal_bytes = journal_bytes
+                if self._previous and not self._previous.clean_shutdown:
+                    logger.warning(
+                        "VPG %s: the previous writer (epoch %d) did not stop cleanly; writes after "
+                        "checkpoint %d are not recoverable (%d segments, %d bytes void)",
+                        self._layout.vpg,
+                        self._previous.previous_epoch,
+                        last_cut,
+                        void_segments,
+                        void_bytes,
+                    )
+                return
+            # The previous writer appended after we loaded: load again.
+        raise _errors.FencedError(
+            f"VPG {self._layout.vpg!r}: could not record the takeover; the index kept "
+            "changing (is another writer still running?)"
+        )
+
+    # --- the write path ------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._lease.lost is not None:
+            raise self._lease.lost
+        if self._closed:
+            raise _errors.RuntimeClosed(f"VPG {self._layout.vpg!r}: the runtime is closed")
+
+    def _check_range(self, vm: str, disk: str, offset: int, length: int) -> None:
+        size = self._sizes.get((vm, disk))
+        if size is None:
+            raise _errors.InvalidRequest(
+                f"VPG {self._layout.vpg!r} has no disk {disk!r} in VM {vm!r}"
+            )
+        if offset < 0 or length <= 0 or offset + length > size:
+            raise _errors.InvalidRequest(
+                f"{vm}/{disk}: range [{offset}, {offset + length}) is outside the disk "
+                f"(size {size}) or empty"
+            )
+
+    async def write(self, vm: str, disk: str, offset: int, data: bytes) -> int:
+        """Journal a write; returns its LSN. Waits while unshipped data is at its bound."""
+        self._check_open()
+        self._check_range(vm, disk, offset, len(data))
+        data = bytes(data)
+        await self._reserve(len(data))
+        self._check_open()
+        lsn = self._take_lsn()
+        buffer = self._buffers[vm]
+        buffer.append(lsn, _format.OP_WRITE, disk, offset, len(data), data)
+        if buffer.payload_bytes >= self.spec.journal.segment_max_bytes:
+            self._seal(buffer)
+        return lsn
+
+    async def trim(self, vm: str, disk: str, offset: int, length: int) -> int:
+        """Journal a TRIM (the range reads as zeros after recovery); returns its LSN."""
+        return self._append_range(_format.OP_TRIM, vm, disk, offset, length)
+
+    async def write_zeroes(self, vm: str, disk: str, offset: int, length: int) -> int:
+        """Journal a WRITE_ZEROES as what it is (no buffer of zeros); returns its LSN."""
+        return self._append_range(_format.OP_ZERO, vm, disk, offset, length)
+
+    def _append_range(self, op: int, vm: str, disk: str, offset: int, length: int) -> int:
+        self._check_open()
+        self._check_range(vm, disk, offset, length)
+        lsn = self._take_lsn()
+        self._buffers[vm].append(lsn, op, disk, offset, length)
+        return lsn
+
+    def _take_lsn(self) -> int:
+        lsn = self._next_lsn
+        self._next_lsn += 1
+        return lsn
+
+    async def _reserve(self, nbytes: int) -> None:
+        limit = self.spec.journal.max_unshipped_bytes
+        if self._unshipped + nbytes <= limit or self._unshipped == 0:
+            self._unshipped += nbytes
+            return
+        # At the bound: ship what is buffered so the space can come back.
+        for buffer in self._buffers.values():
+            self._seal(buffer)
+        async with self._space:
+            await self._space.wait_for(
+                lambda: (
+                    self._unshipped + nbytes <= limit
+                    or self._unshipped == 0
+                    or self._lease.lost is not None
+                    or self._closed
+                )
+            )
+        self._unshipped += nbytes
+
+    def _seal(self, buffer: _journal.JournalBuffer) -> None:
+        segment = buffer.seal(vpg=self._layout.vpg, epoch=self._lease.epoch)
+        if segment is not None:
+            upload = _Upload(segment, asyncio.get_running_loop().create_future())
+            self._uploads.append(upload)
+            self._queue.put_nowait(upload)
+
+    # --- checkpoints --------------------------------------------------------
+
+    def request_checkpoint(
+        self, kind: CheckpointKind = CheckpointKind.AUTOMATIC, tag: str | None = None
+    ) -> asyncio.Future[_index.Checkpoint | None]:
+        """Cut now; the future resolves once the checkpoint is durable (committed)."""
+        self._check_open()
+        lsn = self._take_lsn()
+        for buffer in self._buffers.values():
+            buffer.mark(lsn)
+            self._seal(buffer)
+        record = _format.IndexRecord(
+            record=_format.RECORD_CHECKPOINT,
+            seq=0,
+            lsn=lsn,
+            time_ns=int(self._clock() * 1e9),
+            epoch=self._lease.epoch,
+            kind=int(kind),
+            tag=tag,
+            positions=tuple((vm, buffer.position) for vm, buffer in self._buffers.items()),
+        )
+        future: asyncio.Future[_index.Checkpoint | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._commits.append(_PendingCommit(record, list(self._uploads), future))
+        self._commit_wakeup.set()
+        return future
+
+    async def checkpoint(
+        self, kind: CheckpointKind = CheckpointKind.TAGGED, tag: str | None = None
+    ) -> _index.Checkpoint:
+        """Take a checkpoint and wait until it is durable; returns it."""
+        checkpoint = await self.request_checkpoint(kind, tag)
+        assert checkpoint is not None
+        return checkpoint
+
+    def list_checkpoints(self) -> list[_index.Checkpoint]:
+        """Every durable checkpoint, oldest first."""
+        return list(self._index.state.checkpoints)
+
+    async def _committer(self) -> None:
+        while True:
+            await self._commit_wakeup.wait()
+            self._commit_wakeup.clear()
+            while self._commits:
+                batch: list[_PendingCommit] = []
+                try:
+                    await asyncio.gather(*(upload.done for upload in self._commits[0].uploads))
+                    batch.append(self._commits.popleft())
+                    while self._commits and all(
+                        u.done.done() and not u.done.exception() for u in self._commits[0].uploads
+                    ):
+                        batch.append(self._commits.popleft())
+                    await self._append_retrying([item.record for item in batch])
+                except _errors.FencedError as exc:
+                    for item in [*batch, *self._commits]:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    self._commits.clear()
+                    self._wake_writers()
+                    return
+                for item in batch:
+                    if not item.future.done():
+                        result = (
+                            self._index.state.checkpoint(item.record.lsn)
+                            if item.record.record == _format.RECORD_CHECKPOINT
+                            else None
+                        )
+                        item.future.set_result(result)
+
+    async def _append_retrying(self, records: list[_format.IndexRecord]) -> None:
+        delay = self._options.retry_initial_seconds
+        while True:
+            try:
+                await self._index.append(records)
+                return
+            except _errors.FencedError:
+                raise
+            except _errors.StorageError as exc:
+                delay = await self._backoff(exc, delay)
+
+    async def _backoff(self, exc: Exception, delay: float) -> float:
+        self._retries += 1
+        self._last_error = str(exc)
+        logger.warning("VPG %s: %s; retrying in %.1f s", self._layout.vpg, exc, delay)
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        return min(delay * 2, self._options.retry_max_seconds)
+
+    # --- background tasks ---------------------------------------------------
+
+    def _spawn(self, coroutine: collections.abc.Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            logger.error("VPG %s: background task failed: %s", self._layout.vpg, exc)
+
+    async def _upload_worker(self) -> None:
+        while True:
+            upload = await self._queue.get()
+            segment = upload.segment
+            body = await asyncio.to_thread(segment.encode)
+            delay = self._options.retry_initial_seconds
+            while True:
+                try:
+                    created = await _index.put_new_idempotent(self._store, segment.key, body)
+                    break
+                except _errors.StorageError as exc:
+                    delay = await self._backoff(exc, delay)
+            if not created:
+                error = _errors.FencedError(
+                    f"VPG {self._layout.vpg!r}: segment {segment.key!r} already holds other data; "
+                    "another writer with this epoch exists. This writer stops."
+                )
+                self._lease.fence(error)
+                upload.done.set_exception(error)
+                self._wake_writers()
+                return
+            self._shipped += len(body)
+            self._journal_bytes[segment.vm] = self._journal_bytes.get(segment.vm, 0) + len(body)
+            self._uploads.remove(upload)
+            upload.done.set_result(None)
+            self._unshipped -= segment.payload_bytes
+            self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        async def notify() -> None:
+            async with self._space:
+                self._space.notify_all()
+
+        if not self._closed or self._tasks:
+            asyncio.get_running_loop().create_task(notify())
+
+    async def _ticker(self) -> None:
+        interval = self.spec.checkpoint_interval
+        while True:
+            await asyncio.sleep(interval)
+            if self._lease.lost is None and not self._closed:
+                future = self.request_checkpoint(CheckpointKind.AUTOMATIC)
+                future.add_done_callback(_consume)
+
+    async def _renewer(self) -> None:
+        delay = self._options.lease_seconds / 3
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._lease.renew(self._clock())
+            except _errors.FencedError as exc:
+                logger.error("%s", exc)
+                self._last_error = str(exc)
+                self._wake_writers()
+                return
+            except _errors.StorageError as exc:
+                self._last_error = f"lease renewal failed: {exc}"
+
+    # --- status and lifecycle -----------------------------------------------
+
+    def status(self) -> RuntimeStatus:
+        last = self._index.state.last_checkpoint
+        state = "fenced" if self._lease.lost else "closed" if self._closed else "protecting"
+        return RuntimeStatus(
+            vpg=self._layout.vpg,
+            state=state,
+            epoch=self._lease.epoch,
+            writer=self._writer_id,
+            next_lsn=self._next_lsn,
+            last_checkpoint=last,
+            rpo_seconds=None if last is None else max(0.0, self._clock() - last.time_ns / 1e9),
+            unshipped_bytes=self._unshipped,
+            shipped_bytes=self._shipped,
+            journal_bytes=dict(self._journal_bytes),
+            pending_uploads=len(self._uploads),
+            pending_checkpoints=len(self._commits),
+            upload_retries=self._retries,
+            last_error=self._last_error,
+            previous_writer=self._previous,
+        )
+
+    @property
+    def store(self) -> _base.ObjectStore:
+        return self._store
+
+    async def close(self) -> None:
+        """Stop cleanly: ship everything, commit a final checkpoint, release the lease."""
+        if self._closed:
+            return
+        try:
+            if self._lease.lost is None:
+                final = self.request_checkpoint(CheckpointKind.AUTOMATIC)
+                self._closed = True
+                await final
+                shutdown = _format.IndexRecord(
+                    record=_format.RECORD_SHUTDOWN,
+                    seq=0,
+                    lsn=self._take_lsn(),
+                    time_ns=int(self._clock() * 1e9),
+                    epoch=self._lease.epoch,
+                )
+                await self._append_retrying([shutdown])
+                await self._lease.release()
+        finally:
+            self._closed = True
+            await self._cancel_tasks()
+
+    async def abort(self) -> None:
+        """Stop at once without shipping or committing anything (a simulated crash).
+
+        The lease stays held until it expires, as after a real crash.
+        """
+        self._closed = True
+        await self._cancel_tasks()
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for item in self._commits:
+            if not item.future.done():
+                item.future.set_exception(
+                    _errors.RuntimeClosed(f"VPG {self._layout.vpg!r}: closed before commit")
+                )
+        for upload in self._uploads:
+            if not upload.done.done():
+                upload.done.cancel()
+
+    async def __aenter__(self) -> VpgRuntime:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _json(**fields: object) -> str:
+    return json.dumps(fields, sort_keys=True)
+
+
+def _consume(future: asyncio.Future[_index.Checkpoint | None]) -> None:
+    """Retrieve a background checkpoint's outcome (failures are in status)."""
+    if not future.cancelled():
+        future.exception()
