@@ -1,8 +1,12 @@
 """Arrow IPC encodings of journal segments and checkpoint-index objects.
 
 Both are Arrow IPC *files* (random access, footer at the end: a truncated
-object fails to open), with zstd buffer compression, and carry in their
-schema metadata:
+object fails to open), with zstd buffer compression where it pays. Every
+byte of every object is covered by a CRC-32C checked before it is decoded:
+a journal segment's whole-object CRC is part of its key; an index object's
+CRC of everything before its footer is in the footer's custom metadata
+(``ebbtide.body_crc32c``), and the footer itself is what the checks below
+read. They carry in their schema metadata:
 
 - ``ebbtide.format``: ``journal-segment``, ``index-log`` or ``index-snapshot``;
 - ``ebbtide.format_version``: ``1`` (a reader refuses versions it does not know);
@@ -142,27 +146,75 @@ def _worth_compressing(data: bytes | memoryview) -> bool:
     return len(pa.compress(sample, codec=_COMPRESSION.name, asbytes=True)) < 0.9 * len(sample)
 
 
-def _encode(table: pa.Table, metadata: Mapping[str, str], *, compress: bool = True) -> bytes:
+def object_crc32c(body: bytes) -> int:
+    """CRC-32C of a whole stored object (a journal segment's key carries it)."""
+    return int(crc32c.crc32c(body))
+
+
+def _footer_start(body: bytes) -> int:
+    """Offset of an Arrow IPC file's footer (the file ends: footer, int32 length, ARROW1)."""
+    length = int.from_bytes(body[-10:-6], "little", signed=True)
+    return len(body) - 10 - length
+
+
+def _encode(
+    table: pa.Table,
+    metadata: Mapping[str, str],
+    *,
+    compress: bool = True,
+    footer_crc: bool = False,
+) -> bytes:
     meta = {
         "ebbtide.format_version": str(FORMAT_VERSION),
         "ebbtide.crc32c": content_digest(table),
         **metadata,
     }
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
-    sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression=_COMPRESSION if compress else None)
-    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
-        writer.write_table(table, max_chunksize=1 << 16)
-    return bytes(sink.getvalue())
+
+    def write(footer: dict[bytes, bytes] | None) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema, options=options, metadata=footer) as writer:
+            writer.write_table(table, max_chunksize=1 << 16)
+        return bytes(sink.getvalue())
+
+    body = write(None)
+    if not footer_crc:
+        return body
+    # Everything before the footer does not depend on the footer: write again
+    # with the CRC of that part in the footer (cheap: index objects are small).
+    prefix = body[: _footer_start(body)]
+    final = write({b"ebbtide.body_crc32c": f"{object_crc32c(prefix):08x}".encode()})
+    assert final.startswith(prefix)
+    return final
 
 
 def _decode(
-    key: str, body: bytes, expected_format: str, schema: pa.Schema
+    key: str,
+    body: bytes,
+    expected_format: str,
+    schema: pa.Schema,
+    *,
+    object_crc: int | None = None,
 ) -> tuple[pa.Table, dict[str, str]]:
+    if object_crc is not None and object_crc32c(body) != object_crc:
+        raise _errors.CorruptObjectError(
+            key,
+            f"object checksum mismatch (its name says crc32c {object_crc:08x}, content has "
+            f"{object_crc32c(body):08x})",
+        )
     try:
         reader = pa.ipc.open_file(pa.py_buffer(body))
+        if object_crc is None:
+            footer = reader.metadata or {}
+            stored = footer.get(b"ebbtide.body_crc32c", b"").decode(errors="replace")
+            actual = f"{object_crc32c(body[: _footer_start(body)]):08x}"
+            if stored != actual:
+                raise _errors.CorruptObjectError(
+                    key, f"checksum mismatch (footer says crc32c {stored!r}, content has {actual})"
+                )
         table = reader.read_all()
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:
         raise _errors.CorruptObjectError(key, f"not a readable Arrow IPC file ({exc})") from exc
     raw = table.schema.metadata or {}
     metadata = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
@@ -181,7 +233,10 @@ def _decode(
     if not table.schema.remove_metadata().equals(schema):
         raise _errors.CorruptObjectError(key, f"unexpected schema {table.schema.remove_metadata()}")
     expected = metadata.get("ebbtide.crc32c")
-    actual = content_digest(table)
+    try:
+        actual = content_digest(table)
+    except (pa.ArrowException, ValueError, IndexError, TypeError) as exc:
+        raise _errors.CorruptObjectError(key, f"unreadable columns ({exc})") from exc
     if expected != actual:
         raise _errors.CorruptObjectError(
             key, f"checksum mismatch (stored crc32c {expected}, computed {actual})"
@@ -268,9 +323,16 @@ def encode_journal_segment(
     )
 
 
-def decode_journal_segment(key: str, body: bytes) -> JournalSegment:
-    """Decode and verify a journal segment; raises CorruptObjectError naming ``key``."""
-    table, meta = _decode(key, body, "journal-segment", JOURNAL_SCHEMA)
+def decode_journal_segment(key: str, body: bytes, *, crc: int) -> JournalSegment:
+    """Decode and verify a journal segment (``crc``: from its key); errors name ``key``."""
+    table, meta = _decode(key, body, "journal-segment", JOURNAL_SCHEMA, object_crc=crc)
+    try:
+        return _journal_segment(key, table, meta)
+    except (pa.ArrowException, ValueError, IndexError, TypeError, KeyError) as exc:
+        raise _errors.CorruptObjectError(key, f"unreadable segment ({exc})") from exc
+
+
+def _journal_segment(key: str, table: pa.Table, meta: dict[str, str]) -> JournalSegment:
     table = table.combine_chunks()
     try:
         disks = tuple(json.loads(meta["ebbtide.disks"]))
@@ -357,12 +419,29 @@ def encode_index(records: Iterable[IndexRecord], *, vpg: str, fmt: str, seq: int
             else [{"journal": journal, "lsn": lsn} for journal, lsn in row.positions]
         )
     table = pa.Table.from_pydict(columns, schema=INDEX_SCHEMA)
-    return _encode(table, {"ebbtide.format": fmt, "ebbtide.vpg": vpg, "ebbtide.seq": str(seq)})
+    return _encode(
+        table,
+        {"ebbtide.format": fmt, "ebbtide.vpg": vpg, "ebbtide.seq": str(seq)},
+        footer_crc=True,
+    )
 
 
-def decode_index(key: str, body: bytes, *, fmt: str, seq: int) -> list[IndexRecord]:
+def decode_index(key: str, body: bytes, *, vpg: str, fmt: str, seq: int) -> list[IndexRecord]:
     """Decode and verify a log entry or snapshot, checking it is the one ``key`` names."""
     table, meta = _decode(key, body, fmt, INDEX_SCHEMA)
+    try:
+        return _index_records(key, table, meta, vpg=vpg, seq=seq)
+    except (pa.ArrowException, ValueError, IndexError, TypeError, KeyError) as exc:
+        raise _errors.CorruptObjectError(key, f"unreadable index object ({exc})") from exc
+
+
+def _index_records(
+    key: str, table: pa.Table, meta: dict[str, str], *, vpg: str, seq: int
+) -> list[IndexRecord]:
+    if meta.get("ebbtide.vpg") != vpg:
+        raise _errors.CorruptObjectError(
+            key, f"belongs to VPG {meta.get('ebbtide.vpg')!r}, not {vpg!r}"
+        )
     if meta.get("ebbtide.seq") != str(seq):
         raise _errors.CorruptObjectError(
             key, f"holds sequence {meta.get('ebbtide.seq')!r}, its name says {seq}"

@@ -224,7 +224,11 @@ async def _load_once(
             stored = await store.get(key)
         except _errors.ObjectNotFound:
             raise _MovedUnderUs from None
-        state.apply(_format.decode_index(key, stored.data, fmt="index-snapshot", seq=snapshot_seq))
+        state.apply(
+            _format.decode_index(
+                key, stored.data, vpg=layout.vpg, fmt="index-snapshot", seq=snapshot_seq
+            )
+        )
         state.last_seq = snapshot_seq
         start_after = layout.index_log_entry(snapshot_seq)
     expected = state.last_seq + 1
@@ -242,7 +246,9 @@ async def _load_once(
             stored = await store.get(info.key)
         except _errors.ObjectNotFound:
             raise _MovedUnderUs from None
-        state.apply(_format.decode_index(info.key, stored.data, fmt="index-log", seq=seq))
+        state.apply(
+            _format.decode_index(info.key, stored.data, vpg=layout.vpg, fmt="index-log", seq=seq)
+        )
         expected += 1
     return state
 

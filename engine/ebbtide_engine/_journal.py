@@ -23,7 +23,6 @@ from ebbtide_engine import _format, _keys
 class SealedSegment:
     """Rows sealed from one VM's buffer, waiting to be encoded and uploaded."""
 
-    key: str
     vm: str
     first_lsn: int
     last_lsn: int
@@ -36,10 +35,10 @@ class SealedSegment:
     _epoch: int
     _previous_lsn: int
 
-    def encode(self) -> bytes:
-        """The segment as an Arrow IPC file (CPU-bound: call it in a worker thread)."""
+    def encode(self, layout: _keys.VpgLayout) -> tuple[str, bytes]:
+        """The segment's key and Arrow IPC bytes (CPU-bound: call it in a worker thread)."""
         lsn, op, disk, offset, length, data_offsets = self._columns
-        return _format.encode_journal_segment(
+        body = _format.encode_journal_segment(
             vpg=self._vpg,
             vm=self.vm,
             epoch=self._epoch,
@@ -53,6 +52,8 @@ class SealedSegment:
             data_offsets=np.frombuffer(data_offsets, dtype=np.int64),
             data=b"".join(self._data),
         )
+        crc = _format.object_crc32c(body)
+        return layout.segment(self.vm, self.first_lsn, self.last_lsn, self._epoch, crc), body
 
 
 class JournalBuffer:
@@ -107,7 +108,6 @@ class JournalBuffer:
             return None
         first, last = self._lsn[0], self._lsn[-1]
         segment = SealedSegment(
-            key=self._layout.segment(self.vm, first, last, epoch),
             vm=self.vm,
             first_lsn=first,
             last_lsn=last,

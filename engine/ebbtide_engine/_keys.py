@@ -11,7 +11,7 @@ is a format change.
     vpgs/<vpg>/manifest.json
     vpgs/<vpg>/index/log/<seq:020>.arrow
     vpgs/<vpg>/index/snapshot/<seq:020>.arrow
-    vpgs/<vpg>/journal/<vm>/<first-lsn:020>-<last-lsn:020>-e<epoch:010>.arrow
+    vpgs/<vpg>/journal/<vm>/<first-lsn:020>-<last-lsn:020>-e<epoch:010>-<crc32c:08x>.arrow
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 from ebbtide_engine import _errors
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_SEGMENT = re.compile(r"^(\d{20})-(\d{20})-e(\d{10})\.arrow$")
+_SEGMENT = re.compile(r"^(\d{20})-(\d{20})-e(\d{10})-([0-9a-f]{8})\.arrow$")
 _SEQ = re.compile(r"^(\d{20})\.arrow$")
 
 
@@ -44,6 +44,7 @@ class SegmentName:
     first_lsn: int
     last_lsn: int
     epoch: int
+    crc32c: int  # of the whole object: verified before anything in it is read
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,8 +92,11 @@ class VpgLayout:
     def journal_prefix(self, vm: str) -> str:
         return f"{self.journals_prefix}{vm}/"
 
-    def segment(self, vm: str, first_lsn: int, last_lsn: int, epoch: int) -> str:
-        return f"{self.journal_prefix(vm)}{first_lsn:020d}-{last_lsn:020d}-e{epoch:010d}.arrow"
+    def segment(self, vm: str, first_lsn: int, last_lsn: int, epoch: int, crc32c: int) -> str:
+        return (
+            f"{self.journal_prefix(vm)}{first_lsn:020d}-{last_lsn:020d}"
+            f"-e{epoch:010d}-{crc32c:08x}.arrow"
+        )
 
     def parse_segment(self, key: str) -> SegmentName:
         """Parse a journal segment key; raises CorruptObjectError for a stray object."""
@@ -102,7 +106,9 @@ class VpgLayout:
         match = _SEGMENT.match(name)
         if match is None:
             raise _errors.CorruptObjectError(
-                key, "not a journal segment name (<first>-<last>-e<epoch>.arrow)"
+                key, "not a journal segment name (<first>-<last>-e<epoch>-<crc32c>.arrow)"
             )
-        first, last, epoch = (int(group) for group in match.groups())
-        return SegmentName(vm=vm, first_lsn=first, last_lsn=last, epoch=epoch)
+        first, last, epoch = (int(group) for group in match.groups()[:3])
+        return SegmentName(
+            vm=vm, first_lsn=first, last_lsn=last, epoch=epoch, crc32c=int(match.group(4), 16)
+        )

@@ -270,7 +270,7 @@ class _DiskFiles:
 
 
 def _apply(item: _Planned, body: bytes, files: _DiskFiles) -> None:
-    segment = _format.decode_journal_segment(item.key, body)
+    segment = _format.decode_journal_segment(item.key, body, crc=item.name.crc32c)
     name = item.name
     if (segment.first_lsn, segment.last_lsn, segment.epoch, segment.vm) != (
         name.first_lsn,

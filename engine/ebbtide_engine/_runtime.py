@@ -21,11 +21,13 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from ebbtide_engine import _errors, _format, _index, _journal, _keys, _lease, _spec
 from ebbtide_engine.storage import _base
@@ -33,6 +35,7 @@ from ebbtide_engine.storage import _base
 logger = logging.getLogger("ebbtide.runtime")
 
 CheckpointKind = _index.CheckpointKind
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,7 +221,7 @@ class VpgRuntime:
                 state,
                 compact_every=self._options.compact_every,
             )
-            if await self._index.try_append(records):
+            if await self._open_retrying(functools.partial(self._index.try_append, records)):
                 self._next_lsn = start
                 self._journal_bytes = journal_bytes
                 if self._previous and not self._previous.clean_shutdown:
@@ -237,6 +240,16 @@ class VpgRuntime:
             f"VPG {self._layout.vpg!r}: could not record the takeover; the index kept "
             "changing (is another writer still running?)"
         )
+
+    async def _open_retrying(self, attempt: Callable[[], Awaitable[T]], tries: int = 4) -> T:
+        """Retry a start-up step on storage errors a few times, then let the error out."""
+        delay = self._options.retry_initial_seconds
+        for _ in range(tries - 1):
+            try:
+                return await attempt()
+            except _errors.StorageError as exc:
+                delay = await self._backoff(exc, delay)
+        return await attempt()
 
     # --- the write path ------------------------------------------------------
 
@@ -423,17 +436,17 @@ class VpgRuntime:
         while True:
             upload = await self._queue.get()
             segment = upload.segment
-            body = await asyncio.to_thread(segment.encode)
+            key, body = await asyncio.to_thread(segment.encode, self._layout)
             delay = self._options.retry_initial_seconds
             while True:
                 try:
-                    created = await _index.put_new_idempotent(self._store, segment.key, body)
+                    created = await _index.put_new_idempotent(self._store, key, body)
                     break
                 except _errors.StorageError as exc:
                     delay = await self._backoff(exc, delay)
             if not created:
                 error = _errors.FencedError(
-                    f"VPG {self._layout.vpg!r}: segment {segment.key!r} already holds other data; "
+                    f"VPG {self._layout.vpg!r}: segment {key!r} already holds other data; "
                     "another writer with this epoch exists. This writer stops."
                 )
                 self._lease.fence(error)
