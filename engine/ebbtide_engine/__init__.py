@@ -27,11 +27,15 @@ from ebbtide_engine._errors import (
     StorageUnavailable,
 )
 from ebbtide_engine._index import Checkpoint, CheckpointKind
+from ebbtide_engine._lease import Manifest
 from ebbtide_engine._recovery import (
+    BucketStatus,
     CheckpointSelector,
+    JournalUsage,
     RecoveredDisk,
     RecoveryResult,
     list_checkpoints,
+    read_bucket_status,
     recover_to_files,
 )
 from ebbtide_engine._runtime import RuntimeOptions, RuntimeStatus, VoidWrites, VpgRuntime
@@ -57,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDenied",
     "BucketNotFound",
+    "BucketStatus",
     "Checkpoint",
     "CheckpointKind",
     "CheckpointNotFound",
@@ -67,7 +72,9 @@ __all__ = [
     "FencedError",
     "InvalidRequest",
     "JournalSpec",
+    "JournalUsage",
     "LocalStore",
+    "Manifest",
     "MemoryStore",
     "ObjectExists",
     "ObjectNotFound",
@@ -91,5 +98,6 @@ __all__ = [
     "open_store",
     "parse_duration",
     "parse_quantity",
+    "read_bucket_status",
     "recover_to_files",
 ]

@@ -15,6 +15,7 @@ written as ``<disk>.raw.partial`` and renamed once complete and fsynced.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ebbtide_engine import _errors, _format, _index, _keys
+from ebbtide_engine import _errors, _format, _index, _keys, _lease
 from ebbtide_engine.storage import _base
 
 
@@ -74,14 +75,19 @@ class CheckpointSelector:
         )
 
     def describe(self) -> str:
+        """What was asked for, to complete "VPG 'x' has no ..."."""
         if self.latest:
-            return "the latest checkpoint"
+            return "durable checkpoint"
         if self.id is not None:
-            return f"checkpoint {self.id}"
+            return f"checkpoint with id {self.id}"
         if self.tag is not None:
-            return f"the latest checkpoint tagged {self.tag!r}"
+            return f"checkpoint tagged {self.tag!r}"
         assert self.before is not None
-        return f"the latest checkpoint at or before {self.before.isoformat()}"
+        return f"checkpoint taken at or before {_when(self.before)}"
+
+
+def _when(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def select(state: _index.IndexState, selector: CheckpointSelector) -> _index.Checkpoint:
@@ -105,8 +111,8 @@ def select(state: _index.IndexState, selector: CheckpointSelector) -> _index.Che
     tags = sorted({c.tag for c in state.checkpoints if c.tag})
     raise _errors.CheckpointNotFound(
         f"VPG {state.vpg!r} has no {selector.describe()}. Available: {len(state.checkpoints)} "
-        f"checkpoints, ids {first.id}..{last.id}, {first.time.isoformat()} .. "
-        f"{last.time.isoformat()}" + (f"; tags: {', '.join(tags)}" if tags else "")
+        f"checkpoints, ids {first.id}..{last.id}, {_when(first.time)} .. "
+        f"{_when(last.time)}" + (f"; tags: {', '.join(tags)}" if tags else "")
     )
 
 
@@ -124,6 +130,53 @@ async def read_index(store: _base.ObjectStore, vpg: str) -> _index.IndexState:
 async def list_checkpoints(store: _base.ObjectStore, vpg: str) -> list[_index.Checkpoint]:
     """Every durable checkpoint of ``vpg``, oldest first (reads the bucket, takes no lease)."""
     return list((await read_index(store, vpg)).checkpoints)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JournalUsage:
+    segments: int = 0
+    bytes: int = 0
+    first_lsn: int | None = None
+    last_lsn: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BucketStatus:
+    """What a reader can tell about a VPG from its storage account alone."""
+
+    vpg: str
+    storage: str
+    manifest: _lease.Manifest
+    checkpoints: list[_index.Checkpoint]
+    journals: dict[str, JournalUsage]
+
+
+async def read_bucket_status(store: _base.ObjectStore, vpg: str) -> BucketStatus:
+    """Manifest, checkpoints and journal sizes of ``vpg``; takes no lease, writes nothing."""
+    layout = _keys.VpgLayout(vpg)
+    manifest = await _lease.read_manifest(store, layout)
+    if manifest is None:
+        raise _errors.CheckpointNotFound(
+            f"{store.description} holds no VPG named {vpg!r} (no {layout.manifest})"
+        )
+    checkpoints = await list_checkpoints(store, vpg)
+    journals: dict[str, JournalUsage] = collections.defaultdict(JournalUsage)
+    async for info in store.list(layout.journals_prefix):
+        name = layout.parse_segment(info.key)
+        usage = journals[name.vm]
+        journals[name.vm] = JournalUsage(
+            segments=usage.segments + 1,
+            bytes=usage.bytes + info.size,
+            first_lsn=name.first_lsn if usage.first_lsn is None else usage.first_lsn,
+            last_lsn=name.last_lsn,
+        )
+    return BucketStatus(
+        vpg=vpg,
+        storage=store.description,
+        manifest=manifest,
+        checkpoints=checkpoints,
+        journals=dict(sorted(journals.items())),
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
