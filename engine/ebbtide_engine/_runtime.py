@@ -150,6 +150,7 @@ class VpgRuntime:
         self._shipped = 0
         self._retries = 0
         self._last_error: str | None = None
+        self._listeners: list[Callable[[_index.Checkpoint], None]] = []
         try:
             await self._takeover()
         except BaseException:
@@ -367,6 +368,13 @@ class VpgRuntime:
         assert checkpoint is not None
         return checkpoint
 
+    def add_durable_listener(self, listener: Callable[[_index.Checkpoint], None]) -> None:
+        """Call ``listener(checkpoint)`` each time a checkpoint becomes durable, in order.
+
+        Called on the event loop right after the commit; it must not block.
+        """
+        self._listeners.append(listener)
+
     def list_checkpoints(self) -> list[_index.Checkpoint]:
         """Every durable checkpoint, oldest first."""
         return list(self._index.state.checkpoints)
@@ -393,12 +401,15 @@ class VpgRuntime:
                     self._wake_writers()
                     return
                 for item in batch:
+                    result = (
+                        self._index.state.checkpoint(item.record.lsn)
+                        if item.record.record == _format.RECORD_CHECKPOINT
+                        else None
+                    )
+                    if result is not None:
+                        for listener in list(self._listeners):
+                            listener(result)
                     if not item.future.done():
-                        result = (
-                            self._index.state.checkpoint(item.record.lsn)
-                            if item.record.record == _format.RECORD_CHECKPOINT
-                            else None
-                        )
                         item.future.set_result(result)
 
     async def _append_retrying(self, records: list[_format.IndexRecord]) -> None:

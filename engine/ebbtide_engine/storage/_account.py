@@ -110,7 +110,9 @@ class StorageAccount:
 
 def _valid_bucket(name: str) -> bool:
     allowed = set("abcdefghijklmnopqrstuvwxyz0123456789.-")
-    return 3 <= len(name) <= 63 and set(name) <= allowed and name[0].isalnum() and name[-1].isalnum()
+    return (
+        3 <= len(name) <= 63 and set(name) <= allowed and name[0].isalnum() and name[-1].isalnum()
+    )
 
 
 def _redact(url: str) -> str:

@@ -50,7 +50,9 @@ class MemoryStore(_base.ObjectStore):
             )
         return self._store(key, data)
 
-    async def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> _base.StoredObject:
+    async def get(
+        self, key: str, *, byte_range: tuple[int, int] | None = None
+    ) -> _base.StoredObject:
         data = self._objects.get(key)
         if data is None:
             raise self._missing(key)
@@ -67,8 +69,10 @@ class MemoryStore(_base.ObjectStore):
         self, prefix: str, *, start_after: str | None = None
     ) -> AsyncIterator[_base.ObjectInfo]:
         lower = prefix if start_after is None or start_after < prefix else start_after
-        index = bisect.bisect_right(self._keys, lower) if lower == start_after else (
-            bisect.bisect_left(self._keys, lower)
+        index = (
+            bisect.bisect_right(self._keys, lower)
+            if lower == start_after
+            else (bisect.bisect_left(self._keys, lower))
         )
         for key in list(self._keys[index:]):
             if not key.startswith(prefix):
