@@ -180,8 +180,16 @@ class WriterLease:
                     self._layout.manifest, new.to_json(), etag=self._etag
                 )
             except _errors.PreconditionFailed:
-                self.lost = _errors.FencedError(await self._fenced_message())
-                raise self.lost from None
+                # A retried put whose first attempt landed looks like a conflict:
+                # if the manifest now holds exactly what we wrote, it was ours.
+                try:
+                    stored = await self._store.get(self._layout.manifest)
+                except _errors.ObjectNotFound:
+                    stored = _base.StoredObject(data=b"", etag="", size=0)
+                if stored.data != new.to_json():
+                    self.lost = _errors.FencedError(await self._fenced_message())
+                    raise self.lost from None
+                info = _base.ObjectInfo(self._layout.manifest, len(stored.data), stored.etag)
             self.manifest, self._etag = new, info.etag
             return new
 
