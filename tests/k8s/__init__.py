@@ -1,0 +1,1 @@
+"""Tests of the Kubernetes surface: CRDs, examples, and the API server emulator."""
