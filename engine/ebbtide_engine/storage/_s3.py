@@ -1,9 +1,10 @@
 """The S3 backend: a storage account in an S3-compatible bucket, via aiobotocore.
 
 This is the only module that imports aiobotocore or botocore (import-linter
-enforces it), so the rest of the engine sees only :class:`ObjectStore` and
-the errors of :mod:`ebbtide_engine._errors`. It stores each object at
-``PREFIX + key`` in the bucket, exactly as given, with no metadata of its own.
+enforces it; aiohttp only for the errors it lets through), so the rest of
+the engine sees only :class:`ObjectStore` and the errors of
+:mod:`ebbtide_engine._errors`. It stores each object at ``PREFIX + key`` in
+the bucket, exactly as given, with no metadata of its own.
 
 How the contract maps onto S3 (AWS since 2024, MinIO, LocalStack, moto, Ceph
 RGW recent enough to honour conditional writes):
@@ -24,13 +25,16 @@ RGW recent enough to honour conditional writes):
 
 Retries, timeouts and integrity come from botocore's config: the "standard"
 retry mode (exponential backoff with jitter, up to ``max_attempts`` attempts
-in all, for throttling, 5xx and connection errors), the given connect and read
-timeouts, a pool of 32 connections, and botocore's default
-``when_supported`` request checksums (a CRC32 the server verifies on each
-PUT) and response checksum validation. A retried ``put_new`` whose first
-attempt did land reports ``ObjectExists`` for the caller's own write (see
-:meth:`ObjectStore.put_new`); a retried ``put_if_match`` likewise reports
-``PreconditionFailed``.
+in all, for throttling, 5xx and connection errors), the given connect and
+read timeouts, a pool of 32 connections, and botocore's default
+``when_supported`` checksums: a CRC32 sent with each PUT for the server to
+verify (AWS and LocalStack do, moto does not) and checked on responses that
+carry one. botocore does not retry a body that breaks off after the response
+began; ``get`` reads it again, within the same ``max_attempts``.
+
+A retried ``put_new`` whose first attempt did land reports ``ObjectExists``
+for the caller's own write (see :meth:`ObjectStore.put_new`); a retried
+``put_if_match`` likewise reports ``PreconditionFailed``.
 
 Errors say which account (``description``, the URL without credentials),
 which key, and what to do; the secret key and session token never appear in
@@ -48,6 +52,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiobotocore.config
 import aiobotocore.session
+import aiohttp
 import botocore.exceptions
 
 from ebbtide_engine import _errors
@@ -82,10 +87,20 @@ _CREDENTIAL_ERRORS = (
     botocore.exceptions.CredentialRetrievalError,
 )
 # What botocore raises when the endpoint cannot be reached or drops the
-# connection (aiobotocore wraps aiohttp's errors into these).
+# connection (aiobotocore wraps most of aiohttp's errors into these).
+# A response body that broke off while being read (the request itself succeeded).
+# aiobotocore wraps some of these; a short body surfaces as aiohttp's own error.
+_BODY_ERRORS = (
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.IncompleteReadError,
+    aiohttp.ClientError,
+)
 _CONNECTION_ERRORS = (
     botocore.exceptions.ConnectionError,
     botocore.exceptions.HTTPClientError,
+    botocore.exceptions.IncompleteReadError,
+    aiohttp.ClientError,
 )
 
 
@@ -188,18 +203,25 @@ class S3Store(_base.ObjectStore):
             if end <= start:  # nothing to read, but the object must exist
                 info = await self.head(key)
                 return _base.StoredObject(data=b"", etag=info.etag, size=info.size)
-        client = await self._get_client()
         try:
-            if byte_range is None:
-                response = await client.get_object(Bucket=self.bucket, Key=self._full(key))
-            else:
-                response = await client.get_object(
-                    Bucket=self.bucket,
-                    Key=self._full(key),
-                    Range=f"bytes={byte_range[0]}-{byte_range[1] - 1}",
-                )
-            async with response["Body"] as body:
-                data = await body.read()
+            client = await self._get_client()
+            for attempt in range(1, self.max_attempts + 1):
+                if byte_range is None:
+                    response = await client.get_object(Bucket=self.bucket, Key=self._full(key))
+                else:
+                    response = await client.get_object(
+                        Bucket=self.bucket,
+                        Key=self._full(key),
+                        Range=f"bytes={byte_range[0]}-{byte_range[1] - 1}",
+                    )
+                try:
+                    async with response["Body"] as body:
+                        data = await body.read()
+                    break
+                except _BODY_ERRORS:
+                    # botocore retries the request, not the reading of its body.
+                    if attempt == self.max_attempts:
+                        raise
         except botocore.exceptions.ClientError as exc:
             if byte_range is not None and (_code(exc) == "InvalidRange" or _status(exc) == 416):
                 info = await self.head(key)  # the range starts past the end: clip to b""
@@ -221,8 +243,8 @@ class S3Store(_base.ObjectStore):
     async def head(self, key: str) -> _base.ObjectInfo:
         # A HEAD has no body, so a missing bucket also answers a bare 404 here:
         # it reads as ObjectNotFound; check() and the other calls tell them apart.
-        client = await self._get_client()
         try:
+            client = await self._get_client()
             response = await client.head_object(Bucket=self.bucket, Key=self._full(key))
         except Exception as exc:
             self._raise(exc, "head", key)
@@ -233,7 +255,6 @@ class S3Store(_base.ObjectStore):
     async def list(
         self, prefix: str, *, start_after: str | None = None
     ) -> AsyncIterator[_base.ObjectInfo]:
-        client = await self._get_client()
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Prefix": self._full(prefix),
@@ -243,6 +264,7 @@ class S3Store(_base.ObjectStore):
             kwargs["StartAfter"] = self._full(start_after)
         strip = len(self.prefix)
         try:
+            client = await self._get_client()
             async for page in client.get_paginator("list_objects_v2").paginate(**kwargs):
                 for item in page.get("Contents", []):
                     yield _base.ObjectInfo(
@@ -252,8 +274,8 @@ class S3Store(_base.ObjectStore):
             self._raise(exc, "list", prefix)
 
     async def delete(self, key: str) -> None:
-        client = await self._get_client()
         try:
+            client = await self._get_client()
             await client.delete_object(Bucket=self.bucket, Key=self._full(key))
         except botocore.exceptions.ClientError as exc:
             if _code(exc) in _NOT_FOUND_CODES:
@@ -263,8 +285,8 @@ class S3Store(_base.ObjectStore):
             self._raise(exc, "delete", key)
 
     async def check(self) -> None:
-        client = await self._get_client()
         try:
+            client = await self._get_client()
             await client.head_bucket(Bucket=self.bucket)
         except Exception as exc:
             self._raise(exc, "check", None)
