@@ -28,6 +28,7 @@ from ebbtide_engine._errors import (
 )
 from ebbtide_engine._index import Checkpoint, CheckpointKind
 from ebbtide_engine._lease import Manifest
+from ebbtide_engine._promotion import Promotion
 from ebbtide_engine._recovery import (
     BucketStatus,
     CheckpointSelector,
@@ -38,8 +39,18 @@ from ebbtide_engine._recovery import (
     read_bucket_status,
     recover_to_files,
 )
-from ebbtide_engine._runtime import RuntimeOptions, RuntimeStatus, VoidWrites, VpgRuntime
+from ebbtide_engine._runtime import (
+    Maintenance,
+    RuntimeOptions,
+    RuntimeStatus,
+    VoidWrites,
+    VpgRuntime,
+)
+from ebbtide_engine._sla import Condition, SlaStatus, VmJournal
+from ebbtide_engine._sla import evaluate as evaluate_sla
 from ebbtide_engine._spec import (
+    DilutionSpec,
+    DilutionTier,
     DiskSpec,
     JournalSpec,
     VmSpec,
@@ -66,7 +77,10 @@ __all__ = [
     "CheckpointKind",
     "CheckpointNotFound",
     "CheckpointSelector",
+    "Condition",
     "CorruptObjectError",
+    "DilutionSpec",
+    "DilutionTier",
     "DiskSpec",
     "EbbtideError",
     "FencedError",
@@ -74,26 +88,31 @@ __all__ = [
     "JournalSpec",
     "JournalUsage",
     "LocalStore",
+    "Maintenance",
     "Manifest",
     "MemoryStore",
     "ObjectExists",
     "ObjectNotFound",
     "ObjectStore",
     "PreconditionFailed",
+    "Promotion",
     "RecoveredDisk",
     "RecoveryResult",
     "RuntimeClosed",
     "RuntimeOptions",
     "RuntimeStatus",
     "S3Credentials",
+    "SlaStatus",
     "SpecError",
     "StorageAccount",
     "StorageError",
     "StorageUnavailable",
+    "VmJournal",
     "VmSpec",
     "VoidWrites",
     "VpgRuntime",
     "VpgSpec",
+    "evaluate_sla",
     "list_checkpoints",
     "open_store",
     "parse_duration",

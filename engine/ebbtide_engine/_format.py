@@ -54,6 +54,8 @@ RECORD_CONFIG = 0
 RECORD_TAKEOVER = 1
 RECORD_CHECKPOINT = 2
 RECORD_SHUTDOWN = 3
+RECORD_PROMOTION = 4
+RECORD_REWRITE = 5
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -115,6 +117,10 @@ def _digest_array(array: pa.Array, checksum: crc32c.CRC32CHash) -> None:
         checksum.update((offsets - offsets[0]).astype(np.int64).tobytes())
         if buffers[2] is not None and len(offsets) and offsets[-1] > offsets[0]:
             checksum.update(memoryview(buffers[2])[int(offsets[0]) : int(offsets[-1])])
+    elif pa.types.is_fixed_size_binary(kind):
+        width = kind.byte_width
+        start = array.offset * width
+        checksum.update(memoryview(array.buffers()[1])[start : start + len(array) * width])
     elif pa.types.is_list(kind):
         offsets = array.offsets.to_numpy()
         checksum.update((offsets - offsets[0]).astype(np.int64).tobytes())
@@ -468,3 +474,81 @@ def _index_records(
             )
         )
     return records
+
+
+# --- recovery-disk chunk maps ------------------------------------------------
+
+MIRROR_MAP_SCHEMA = pa.schema(
+    [
+        pa.field("chunk", pa.uint64(), nullable=False),
+        pa.field("sha256", pa.binary(32), nullable=False),
+    ]
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MirrorMap:
+    """A recovery disk as of ``lsn``: chunk index -> SHA-256 of its bytes (absent: zeros)."""
+
+    vpg: str
+    vm: str
+    disk: str
+    lsn: int
+    disk_size: int
+    chunk_size: int
+    chunks: dict[int, bytes]
+
+
+def encode_mirror_map(mirror: MirrorMap) -> bytes:
+    """Encode a chunk map (rows by chunk index) as an Arrow IPC file with a footer CRC."""
+    indexes = sorted(mirror.chunks)
+    table = pa.Table.from_arrays(
+        [
+            pa.array(indexes, type=pa.uint64()),
+            pa.array([mirror.chunks[i] for i in indexes], type=pa.binary(32)),
+        ],
+        schema=MIRROR_MAP_SCHEMA,
+    )
+    return _encode(
+        table,
+        {
+            "ebbtide.format": "mirror-map",
+            "ebbtide.vpg": mirror.vpg,
+            "ebbtide.vm": mirror.vm,
+            "ebbtide.disk": mirror.disk,
+            "ebbtide.lsn": str(mirror.lsn),
+            "ebbtide.disk_size": str(mirror.disk_size),
+            "ebbtide.chunk_size": str(mirror.chunk_size),
+        },
+        footer_crc=True,
+    )
+
+
+def decode_mirror_map(
+    key: str, body: bytes, *, vpg: str, vm: str, disk: str, lsn: int
+) -> MirrorMap:
+    """Decode and verify a chunk map, checking it is the one ``key`` names."""
+    table, meta = _decode(key, body, "mirror-map", MIRROR_MAP_SCHEMA)
+    try:
+        found = (meta["ebbtide.vpg"], meta["ebbtide.vm"], meta["ebbtide.disk"])
+        found_lsn = int(meta["ebbtide.lsn"])
+        disk_size, chunk_size = int(meta["ebbtide.disk_size"]), int(meta["ebbtide.chunk_size"])
+        indexes = table.column("chunk").to_pylist()
+        digests = table.column("sha256").to_pylist()
+    except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
+        raise _errors.CorruptObjectError(key, f"bad chunk map ({exc})") from exc
+    if found != (vpg, vm, disk) or found_lsn != lsn:
+        raise _errors.CorruptObjectError(
+            key, f"holds the map of {'/'.join(found)} at LSN {found_lsn}, not the one its name says"
+        )
+    if chunk_size <= 0:
+        raise _errors.CorruptObjectError(key, f"bad chunk size {chunk_size}")
+    return MirrorMap(
+        vpg=vpg,
+        vm=vm,
+        disk=disk,
+        lsn=lsn,
+        disk_size=disk_size,
+        chunk_size=chunk_size,
+        chunks=dict(zip(indexes, digests, strict=True)),
+    )

@@ -12,6 +12,8 @@ is a format change.
     vpgs/<vpg>/index/log/<seq:020>.arrow
     vpgs/<vpg>/index/snapshot/<seq:020>.arrow
     vpgs/<vpg>/journal/<vm>/<first-lsn:020>-<last-lsn:020>-e<epoch:010>-<crc32c:08x>.arrow
+    vpgs/<vpg>/mirror/<vm>/<disk>/map/<lsn:020>.arrow
+    vpgs/<vpg>/mirror/<vm>/<disk>/chunk/<sha256:064x>
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ebbtide_engine import _errors
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SEGMENT = re.compile(r"^(\d{20})-(\d{20})-e(\d{10})-([0-9a-f]{8})\.arrow$")
 _SEQ = re.compile(r"^(\d{20})\.arrow$")
+_CHUNK = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_name(kind: str, name: str) -> str:
@@ -112,3 +115,38 @@ class VpgLayout:
         return SegmentName(
             vm=vm, first_lsn=first, last_lsn=last, epoch=epoch, crc32c=int(match.group(4), 16)
         )
+
+    # --- recovery disks (promotion) ---
+
+    @property
+    def mirrors_prefix(self) -> str:
+        return f"{self.root}mirror/"
+
+    def mirror_prefix(self, vm: str, disk: str) -> str:
+        return f"{self.mirrors_prefix}{vm}/{disk}/"
+
+    def mirror_map_prefix(self, vm: str, disk: str) -> str:
+        return f"{self.mirror_prefix(vm, disk)}map/"
+
+    def mirror_map(self, vm: str, disk: str, lsn: int) -> str:
+        return f"{self.mirror_map_prefix(vm, disk)}{lsn:020d}.arrow"
+
+    def mirror_chunk_prefix(self, vm: str, disk: str) -> str:
+        return f"{self.mirror_prefix(vm, disk)}chunk/"
+
+    def mirror_chunk(self, vm: str, disk: str, sha256: bytes) -> str:
+        return f"{self.mirror_chunk_prefix(vm, disk)}{sha256.hex()}"
+
+    def parse_mirror_map_lsn(self, key: str) -> int:
+        """The LSN in a chunk-map key."""
+        match = _SEQ.match(key.rsplit("/", 1)[-1])
+        if match is None:
+            raise _errors.CorruptObjectError(key, "not a chunk map name (<lsn:020>.arrow)")
+        return int(match.group(1))
+
+    def parse_mirror_chunk(self, key: str) -> bytes:
+        """The SHA-256 a chunk key names."""
+        name = key.rsplit("/", 1)[-1]
+        if not _CHUNK.match(name):
+            raise _errors.CorruptObjectError(key, "not a chunk name (<sha256:064x>)")
+        return bytes.fromhex(name)

@@ -8,7 +8,9 @@ being applied, verifies each one's checksum and its place in the VM's
 segment chain (a missing or foreign segment is an error that names it,
 never a silently wrong disk), and applies the rows with LSN up to the cut
 in LSN order, so that where writes overlap the later one wins. TRIM and
-WRITE_ZEROES become holes (zeros). Output: one sparse raw image per disk,
+WRITE_ZEROES become holes (zeros). Once writes were promoted, it starts from
+the recovery disks at the promoted LSN (``_mirror``) and replays only the
+journal above it. Output: one sparse raw image per disk,
 written as ``<disk>.raw.partial`` and renamed once complete and fsynced.
 """
 
@@ -28,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ebbtide_engine import _errors, _format, _index, _keys, _lease
+from ebbtide_engine import _errors, _format, _index, _keys, _lease, _mirror
 from ebbtide_engine.storage import _base
 
 
@@ -232,13 +234,20 @@ async def recover_to_files(
             f"VPG {vpg!r} had no VM {', '.join(map(repr, unknown))} at checkpoint "
             f"{checkpoint.id}; it had: {', '.join(sorted(disks))}"
         )
-    ranges = state.valid_ranges(checkpoint.id)
+    promoted = state.promoted_lsn
+    ranges = state.recovery_ranges(checkpoint.id, promoted)
     plan = [item for vm in chosen for item in await _plan_vm(store, layout, vm, ranges)]
     total = sum(item.size for item in plan)
     files = _DiskFiles(out_dir, {vm: disks[vm] for vm in chosen})
     done = 0
     try:
         fetches: dict[int, asyncio.Task[_base.StoredObject]] = {}
+        if promoted:  # start from the recovery disks at the promoted LSN
+            existed = state.layout_at(promoted)
+            for (vm, disk), fd in files.fds.items():
+                if disk in existed.get(vm, {}):
+                    mirror = await _mirror.required_map(store, layout, vm, disk, promoted)
+                    await _mirror.materialise(store, layout, mirror, fd, files.sizes[(vm, disk)])
         for i, item in enumerate(plan):
             for ahead in range(i, min(i + prefetch, len(plan))):
                 if ahead not in fetches:
@@ -333,7 +342,7 @@ def _apply(item: _Planned, body: bytes, files: _DiskFiles) -> None:
     ):
         raise _errors.CorruptObjectError(item.key, "its contents do not match its name")
     chain_key = (item.vm, name.epoch)
-    expected = files.chain.get(chain_key, 0)
+    expected = files.chain.get(chain_key, (item.range.start_positions or {}).get(item.vm, 0))
     if segment.previous_lsn != expected:
         raise _errors.CorruptObjectError(
             item.key,
@@ -372,7 +381,7 @@ def _check_chain_ends(
     for r in ranges:
         for vm in vms:
             want = (r.end_positions or {}).get(vm, 0)
-            have = last.get((vm, r.epoch), 0)
+            have = last.get((vm, r.epoch), (r.start_positions or {}).get(vm, 0))
             if want != have:
                 raise _errors.CorruptObjectError(
                     f"journal of VM {vm!r}",

@@ -29,7 +29,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ebbtide_engine import _errors, _format, _index, _journal, _keys, _lease, _spec
+from ebbtide_engine import (
+    _dilution,
+    _errors,
+    _format,
+    _index,
+    _journal,
+    _keys,
+    _lease,
+    _promotion,
+    _sla,
+    _spec,
+)
 from ebbtide_engine.storage import _base
 
 logger = logging.getLogger("ebbtide.runtime")
@@ -50,6 +61,11 @@ class RuntimeOptions:
     retry_initial_seconds: float = 0.2
     retry_max_seconds: float = 10.0
     clock: Callable[[], float] = time.time
+    #: seconds between background history passes (promotion, dilution); None: only on demand
+    maintenance_seconds: float | None = 60.0
+    #: recovery disks: bytes per chunk object, and memory for chunks being patched
+    mirror_chunk_size: int = 4 << 20
+    promotion_memory_bytes: int = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,6 +98,17 @@ class RuntimeStatus:
     upload_retries: int
     last_error: str | None
     previous_writer: VoidWrites | None
+    sla: _sla.SlaStatus | None = None  # phase, RPO and history against the spec, conditions
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Maintenance:
+    """What one history pass did."""
+
+    diluted: int  # automatic checkpoints dropped from the listing
+    promoted_lsn: int  # the recovery disks hold every write up to here (0: none yet)
+    promotion: _promotion.Promotion | None = None
+    promoted_early: bool = False  # a journal at its hard limit moved promotion forward
 
 
 @dataclasses.dataclass(slots=True)
@@ -151,6 +178,8 @@ class VpgRuntime:
         self._retries = 0
         self._last_error: str | None = None
         self._listeners: list[Callable[[_index.Checkpoint], None]] = []
+        self._syncing = False
+        self._cut_short = False  # a hard limit promoted early; history not grown back yet
         try:
             await self._takeover()
         except BaseException:
@@ -168,6 +197,16 @@ class VpgRuntime:
         self._spawn(self._renewer())
         if options.auto_checkpoints:
             self._spawn(self._ticker())
+        self._maintenance = asyncio.Lock()
+        # A previous writer may have promoted and stopped before rewriting the index.
+        promoted = self._lease.manifest.promoted_lsn
+        self._rewrite_due = any(
+            r.record == _format.RECORD_CHECKPOINT and r.lsn < promoted
+            for r in self._index.state.records
+        )
+        self._gc_due = promoted > 0  # finish deletions an interrupted promotion left
+        if options.maintenance_seconds is not None:
+            self._spawn(self._maintainer(options.maintenance_seconds))
 
     async def _takeover(self) -> None:
         """Load the index, find what the previous writer left, and record our epoch."""
@@ -487,6 +526,108 @@ class VpgRuntime:
                 future = self.request_checkpoint(CheckpointKind.AUTOMATIC)
                 future.add_done_callback(_consume)
 
+    async def _maintainer(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            if self._lease.lost is not None or self._closed:
+                return
+            try:
+                await self.maintain()
+            except _errors.FencedError:
+                return
+            except _errors.EbbtideError as exc:
+                self._last_error = f"history maintenance failed (retried): {exc}"
+                logger.warning("VPG %s: %s", self._layout.vpg, self._last_error)
+
+    async def maintain(self) -> Maintenance:
+        """One history pass now: promote writes older than the history window, then dilute.
+
+        Runs in the background every ``RuntimeOptions.maintenance_seconds``;
+        safe to call at any time (passes never overlap) and to interrupt at
+        any point: the next pass, in this process or the next writer,
+        finishes what was left.
+        """
+        async with self._maintenance:
+            self._check_open()
+            now_ns = int(self._clock() * 1e9)
+            if self._gc_due:
+                promoted = self._lease.manifest.promoted_lsn
+                await _promotion.collect_garbage(self._store, self._layout, promoted)
+                self._gc_due = False
+            sizes = await self._segment_sizes()
+            target, early = self._promotion_target(now_ns, sizes)
+            promotion = _promotion.Promotion(promoted_lsn=self._lease.manifest.promoted_lsn)
+            if target > promotion.promoted_lsn:
+                promotion = await _promotion.promote(
+                    self._store,
+                    self._layout,
+                    self._index,
+                    self._lease,
+                    target,
+                    time_ns=now_ns,
+                    chunk_size=self._options.mirror_chunk_size,
+                    memory_bytes=self._options.promotion_memory_bytes,
+                )
+                self._rewrite_due = True
+                self._cut_short = early
+                sizes = await self._segment_sizes()
+            self._journal_bytes = {vm: sum(size for _, size in s) for vm, s in sizes.items()}
+            state = self._index.state
+            drop = _dilution.to_drop_state(state, now_ns=now_ns, spec=self.spec.dilution)
+            below = self._lease.manifest.promoted_lsn
+            if drop or self._rewrite_due:
+                await self._index.rewrite(
+                    drop=drop, below=below, reason="maintenance", time_ns=now_ns
+                )
+                self._rewrite_due = False
+            return Maintenance(
+                diluted=len(drop),
+                promoted_lsn=below,
+                promotion=promotion,
+                promoted_early=early and promotion.segments_applied > 0,
+            )
+
+    async def _segment_sizes(self) -> dict[str, list[tuple[int, int]]]:
+        """Per VM, (last LSN, bytes) of every journal segment in the bucket."""
+        sizes: dict[str, list[tuple[int, int]]] = {vm.name: [] for vm in self.spec.vms}
+        async for info in self._store.list(self._layout.journals_prefix):
+            name = self._layout.parse_segment(info.key)
+            sizes.setdefault(name.vm, []).append((name.last_lsn, info.size))
+        return sizes
+
+    def _promotion_target(
+        self, now_ns: int, sizes: dict[str, list[tuple[int, int]]]
+    ) -> tuple[int, bool]:
+        """The checkpoint to promote to, and whether a hard limit moved it forward.
+
+        The oldest checkpoint inside the history window; and where a VM's
+        journal is at its hard limit, the oldest checkpoint above which the
+        journal fits under the warning threshold (or 90 % of the limit).
+        """
+        checkpoints = self._index.state.checkpoints
+        if not checkpoints:
+            return 0, False
+        window_start = now_ns - int(self.spec.journal_history * 1e9)
+        inside = [c for c in checkpoints if c.time_ns >= window_start]
+        target = inside[0].id if inside else checkpoints[-1].id
+        early = False
+        for vm, segments in sizes.items():
+            if vm not in self._buffers:
+                continue
+            hard, warning = self.spec.journal_limits(vm)
+            total = sum(size for _, size in segments)
+            if hard is None or total < hard:
+                continue
+            goal = warning if warning is not None else hard * 9 // 10
+            for checkpoint in checkpoints:
+                if checkpoint.id <= target:
+                    continue
+                above = sum(size for last, size in segments if last > checkpoint.id)
+                target, early = checkpoint.id, True
+                if above <= goal:
+                    break
+        return target, early
+
     async def _renewer(self) -> None:
         delay = self._options.lease_seconds / 3
         while True:
@@ -502,6 +643,24 @@ class VpgRuntime:
                 self._last_error = f"lease renewal failed: {exc}"
 
     # --- status and lifecycle -----------------------------------------------
+
+    def set_syncing(self, syncing: bool) -> None:
+        """Say whether the first full sync runs (the SLA phase is then ``Syncing``)."""
+        self._syncing = syncing
+
+    def sla(self) -> _sla.SlaStatus:
+        """The VPG's SLA status now, by the runtime's clock."""
+        state = self._index.state
+        since = state.protected_since_ns
+        return _sla.evaluate(
+            self.spec,
+            state.checkpoints,
+            now=self._clock(),
+            journal_bytes=self._journal_bytes,
+            protected_since=None if since is None else since / 1e9,
+            syncing=self._syncing,
+            cut_short=self._cut_short,
+        )
 
     def status(self) -> RuntimeStatus:
         last = self._index.state.last_checkpoint
@@ -522,6 +681,7 @@ class VpgRuntime:
             upload_retries=self._retries,
             last_error=self._last_error,
             previous_writer=self._previous,
+            sla=self.sla(),
         )
 
     @property

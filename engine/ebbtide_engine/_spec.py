@@ -10,6 +10,7 @@ and for the embedded ``ebbtide demo`` alike. Validation errors become one
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -128,8 +129,17 @@ class JournalSpec(_Model):
     segment_max_bytes: Annotated[Bytes, pydantic.Field(ge=64 << 10, le=1 << 30)] = 16 << 20
     max_unshipped_bytes: Annotated[Bytes, pydantic.Field(ge=1 << 20)] = 256 << 20
     upload_concurrency: Annotated[int, pydantic.Field(ge=1, le=64)] = 8
-    hard_limit: str = "Unlimited"
-    warning_threshold: str | None = None
+    #: per VM: bytes, a quantity, a percentage of the VM's disks ("50%") or "Unlimited"
+    hard_limit: str | int = "Unlimited"
+    #: per VM, below the hard limit: raises the JournalNearLimit condition
+    warning_threshold: str | int | None = None
+
+    @pydantic.field_validator("hard_limit", "warning_threshold")
+    @classmethod
+    def _limit(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            parse_journal_limit(value)
+        return value
 
     @pydantic.model_validator(mode="after")
     def _bounds(self) -> JournalSpec:
@@ -139,6 +149,85 @@ class JournalSpec(_Model):
                 f"segmentMaxBytes ({self.segment_max_bytes}) so one segment can upload "
                 "while the next fills"
             )
+        if self.warning_threshold is not None and parse_journal_limit(self.warning_threshold) == (
+            "unlimited",
+            0,
+        ):
+            raise ValueError("warningThreshold cannot be 'Unlimited'; leave it out instead")
+        return self
+
+    def limits(self, vm_bytes: int) -> tuple[int | None, int | None]:
+        """(hard limit, warning threshold) in bytes for a VM whose disks total ``vm_bytes``.
+
+        None: no limit (``Unlimited``) / no warning.
+        """
+        return (
+            _limit_bytes(self.hard_limit, vm_bytes),
+            None
+            if self.warning_threshold is None
+            else _limit_bytes(self.warning_threshold, vm_bytes),
+        )
+
+
+def parse_journal_limit(value: object) -> tuple[str, int]:
+    """A journal size limit: ("bytes", n), ("percent", p) or ("unlimited", 0)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "Unlimited":
+            return ("unlimited", 0)
+        if text.endswith("%"):
+            number = text[:-1]
+            if number.isdigit() and 1 <= int(number) <= 100:
+                return ("percent", int(number))
+            raise ValueError(f"{value!r}: a percentage must be a whole number from 1% to 100%")
+    try:
+        amount = parse_quantity(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a journal limit: give bytes, a quantity like '500Gi', "
+            "a percentage of the VM's disks like '50%', or 'Unlimited'"
+        ) from None
+    if amount <= 0:
+        raise ValueError(f"{value!r}: a journal limit must be more than 0 bytes")
+    return ("bytes", amount)
+
+
+def _limit_bytes(value: str | int, vm_bytes: int) -> int | None:
+    kind, amount = parse_journal_limit(value)
+    if kind == "unlimited":
+        return None
+    if kind == "percent":
+        return vm_bytes * amount // 100
+    return amount
+
+
+class DilutionTier(_Model):
+    """Checkpoints older than ``olderThan``: keep at most ``keep`` per ``per`` of time."""
+
+    older_than: Annotated[Seconds, pydantic.Field(gt=0)]
+    keep: Annotated[int, pydantic.Field(ge=1, le=10000)]
+    per: Annotated[Seconds, pydantic.Field(ge=1, le=86400)] = 900.0
+
+
+class DilutionSpec(_Model):
+    """Thinning of old automatic checkpoints (Zerto's rules are the defaults).
+
+    Nothing is thinned while the VPG has at most ``threshold`` automatic
+    checkpoints. Tagged, application-consistent and failover-test
+    checkpoints are never thinned.
+    """
+
+    threshold: Annotated[int, pydantic.Field(ge=0)] = 1000
+    tiers: Annotated[list[DilutionTier], pydantic.Field(max_length=16)] = [
+        DilutionTier(older_than=2 * 3600.0, keep=3, per=900.0),
+        DilutionTier(older_than=4.5 * 3600.0, keep=1, per=900.0),
+    ]
+
+    @pydantic.model_validator(mode="after")
+    def _ordered(self) -> DilutionSpec:
+        ages = [tier.older_than for tier in self.tiers]
+        if any(b <= a for a, b in itertools.pairwise(ages)):
+            raise ValueError("tiers must be ordered by olderThan, each older than the one before")
         return self
 
 
@@ -156,6 +245,7 @@ class VpgSpec(_Model):
     target_rpo: Annotated[Seconds, pydantic.Field(gt=0)] = 300.0
     vms: Annotated[list[VmSpec], pydantic.Field(min_length=1, max_length=256)]
     journal: JournalSpec = JournalSpec()
+    dilution: DilutionSpec = DilutionSpec()
     on_delete: Literal["Retain", "Delete"] = "Retain"
 
     @pydantic.field_validator("name")
@@ -167,6 +257,23 @@ class VpgSpec(_Model):
     def _unique(self) -> VpgSpec:
         _require_unique("VM", [vm.name for vm in self.vms])
         return self
+
+    @pydantic.model_validator(mode="after")
+    def _journal_limits(self) -> VpgSpec:
+        for vm in self.vms:
+            hard, warning = self.journal_limits(vm.name)
+            if hard is not None and warning is not None and warning >= hard:
+                raise ValueError(
+                    f"journal.warningThreshold ({self.journal.warning_threshold}, {warning} bytes "
+                    f"for VM {vm.name!r}) must be below journal.hardLimit "
+                    f"({self.journal.hard_limit}, {hard} bytes); lower the warning or raise "
+                    "the limit"
+                )
+        return self
+
+    def journal_limits(self, vm: str) -> tuple[int | None, int | None]:
+        """(hard limit, warning threshold) in bytes for VM ``vm``'s journal; None: none."""
+        return self.journal.limits(sum(disk.size for disk in self.vm(vm).disks))
 
     def vm(self, name: str) -> VmSpec:
         for vm in self.vms:

@@ -19,6 +19,17 @@ def test_every_key_is_pinned() -> None:
         == "vpgs/prod-db/journal/web-1/00000000000000000001-00000000000000000300"
         "-e0000000002-deadbeef.arrow"
     )
+    assert (
+        layout.mirror_map("web-1", "root", 300)
+        == "vpgs/prod-db/mirror/web-1/root/map/00000000000000000300.arrow"
+    )
+    assert (
+        layout.mirror_chunk("web-1", "root", bytes(range(32)))
+        == "vpgs/prod-db/mirror/web-1/root/chunk/"
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+    )
+    assert layout.parse_mirror_map_lsn(layout.mirror_map("w", "r", 7)) == 7
+    assert layout.parse_mirror_chunk(layout.mirror_chunk("w", "r", b"\xab" * 32)) == b"\xab" * 32
 
 
 def test_keys_sort_by_lsn_and_sequence_as_a_list_returns_them() -> None:
