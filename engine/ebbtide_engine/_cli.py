@@ -6,11 +6,14 @@ Subcommands:
 - ``checkpoints``: the durable checkpoints of a VPG (a table, or ``--json``);
 - ``recover``: materialise a VPG's disks at a checkpoint as raw image files;
 - ``status``: what the storage account tells about a VPG (manifest, checkpoints,
-  journal sizes) without taking its lease.
+  journal sizes) without taking its lease;
+- ``endpoint``: the replication endpoint of one VPG: its disks as NBD exports,
+  every write journaled, until Ctrl-C or SIGTERM (see docs/endpoint.md).
 
-Everything but ``demo`` only reads the storage account, so it is safe while a
-writer protects the VPG. Output is for people (rich tables and progress bars);
-``--json`` is for scripts. An error the engine raises on purpose
+``checkpoints``, ``recover`` and ``status`` only read the storage account, so
+they are safe while a writer (``demo``, ``endpoint``) protects the VPG.
+Output is for people (rich tables and progress bars); ``--json`` is for
+scripts. An error the engine raises on purpose
 (``EbbtideError``), or a local file that cannot be written, prints one red
 line and exits 2, like bad usage; a failed verification in the demo exits 1.
 S3 credentials come from the standard AWS environment variables.
@@ -20,20 +23,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import pathlib
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import rich.console
+import rich.live
+import rich.logging
 import rich.markup
+import rich.panel
 import rich.table
 import rich.text
+import yaml
 
 import ebbtide_engine as ebbtide
-from ebbtide_engine import _demo
+from ebbtide_engine import _demo, _endpoint
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -136,6 +146,47 @@ def _parser() -> argparse.ArgumentParser:
     _storage_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(handler=_run_status)
+
+    endpoint = commands.add_parser(
+        "endpoint",
+        help="serve a VPG's disks over NBD and journal every write",
+        description="Run the replication endpoint of the VirtualProtectionGroup in SPEC: one NBD "
+        "export per disk (<vpg>/<vm>/<disk>), Proxy disks served from their source.path, "
+        "Mirror disks as targets of QEMU's blockdev-mirror; every write is journaled to the "
+        "storage account. Stops cleanly (final checkpoint) on Ctrl-C or SIGTERM.",
+    )
+    endpoint.add_argument(
+        "spec",
+        type=pathlib.Path,
+        metavar="SPEC.yaml",
+        help="a YAML file with one VirtualProtectionGroup resource (like examples/demo.yaml)",
+    )
+    endpoint.add_argument(
+        "--storage",
+        required=True,
+        metavar="URL",
+        help="s3://BUCKET/PREFIX?endpoint=URL&region=R or file:///PATH",
+    )
+    endpoint.add_argument(
+        "--state-dir",
+        required=True,
+        type=pathlib.Path,
+        metavar="DIR",
+        help="local directory for the dirty-region maps and mirror replicas (keep it across "
+        "restarts: without it, a restart resynchronises whole disks)",
+    )
+    endpoint.add_argument(
+        "--port", type=int, default=10809, help="TCP port (default 10809; 0 picks a free one)"
+    )
+    endpoint.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    endpoint.add_argument(
+        "--takeover",
+        choices=["wait", "fail", "force"],
+        default="wait",
+        help="if another writer holds the VPG: wait until its lease expires (default), fail, "
+        "or force the takeover at once (after a crash)",
+    )
+    endpoint.set_defaults(handler=_run_endpoint)
     return parser
 
 
@@ -354,3 +405,224 @@ def _status_panel(status: ebbtide.BucketStatus, now: float) -> rich.table.Table:
     grid.add_row("journal", f"{_demo.format_bytes(total)} in all")
     grid.add_row("", journals if status.journals else rich.text.Text("empty", style="dim"))
     return grid
+
+
+# --- endpoint -------------------------------------------------------------------
+
+#: How often the live display (or, without a terminal, the state check) refreshes.
+_ENDPOINT_REFRESH = 0.5
+
+
+def _load_vpg(path: pathlib.Path) -> ebbtide.VpgSpec:
+    """The one VirtualProtectionGroup in the YAML file at ``path``."""
+    try:
+        documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    except FileNotFoundError:
+        raise ebbtide.SpecError(f"{path} does not exist") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ebbtide.SpecError(f"{path} is not readable YAML: {exc}") from None
+    found = [
+        doc
+        for doc in documents
+        if isinstance(doc, dict) and doc.get("kind") == "VirtualProtectionGroup"
+    ]
+    if len(found) != 1:
+        names = ", ".join(str((doc.get("metadata") or {}).get("name")) for doc in found)
+        raise ebbtide.SpecError(
+            f"{path} holds {len(found)} VirtualProtectionGroup resources"
+            + (f" ({names})" if names else "")
+            + "; an endpoint serves exactly one: keep one per file"
+        )
+    try:
+        return ebbtide.VpgSpec.from_resource(found[0])
+    except ebbtide.SpecError as exc:
+        raise ebbtide.SpecError(f"{path}: {exc}") from None
+
+
+async def _run_endpoint(args: argparse.Namespace, console: rich.console.Console) -> int:
+    spec = _load_vpg(args.spec)
+    account = ebbtide.StorageAccount.parse(args.storage)
+    if account.scheme == "file":
+        await asyncio.to_thread(pathlib.Path(account.bucket).mkdir, parents=True, exist_ok=True)
+    options = _endpoint.EndpointOptions(host=args.host, port=args.port)
+    runtime_options = ebbtide.RuntimeOptions(takeover=args.takeover)
+    with _engine_log():
+        async with ebbtide.open_store(account) as store:
+            with console.status("Taking the writer lease and reading the journal from storage..."):
+                endpoint = await _endpoint.Endpoint.open(
+                    spec, store, args.state_dir, options=options, runtime_options=runtime_options
+                )
+            try:
+                _print_exports(console, endpoint, store.description)
+                stop = asyncio.Event()
+                with _stop_on_signals(stop, console):
+                    await _watch_endpoint(console, endpoint, stop)
+            except BaseException:
+                await endpoint.abort()
+                raise
+            console.print("Stopping: shipping every write and committing a final checkpoint...")
+            await endpoint.close()
+    status = endpoint.status()
+    last = status.runtime.last_checkpoint
+    console.print(
+        f"[bold green]Closed cleanly:[/] final checkpoint {last.id if last else '-'} durable, "
+        f"dirty maps written, writer lease released."
+    )
+    return EXIT_OK
+
+
+def _print_exports(
+    console: rich.console.Console, endpoint: _endpoint.Endpoint, storage: str
+) -> None:
+    status = endpoint.status()
+    console.print(
+        f"Serving VPG [bold magenta]{status.vpg}[/] (writer epoch {status.runtime.epoch}) "
+        f"journaling to [bold]{rich.markup.escape(storage)}[/]"
+    )
+    for disk in status.disks:
+        line = f"  {disk.url}  {disk.mode}  {disk.state}"
+        console.print(line + (f": {disk.message}" if disk.message else ""), soft_wrap=True)
+    console.print("Ctrl-C or SIGTERM stops cleanly.")
+
+
+async def _watch_endpoint(
+    console: rich.console.Console, endpoint: _endpoint.Endpoint, stop: asyncio.Event
+) -> None:
+    """A live panel on a terminal; otherwise one line per change of a disk's state."""
+    if console.is_terminal:
+        with rich.live.Live(
+            _endpoint_panel(endpoint.status()), console=console, auto_refresh=False
+        ) as live:
+            while not await _wait(stop, _ENDPOINT_REFRESH):
+                live.update(_endpoint_panel(endpoint.status()), refresh=True)
+        return
+    shown = {disk.export: disk.state for disk in endpoint.status().disks}
+    while not await _wait(stop, _ENDPOINT_REFRESH):
+        for disk in endpoint.status().disks:
+            if shown[disk.export] != disk.state:
+                shown[disk.export] = disk.state
+                message = f": {disk.message}" if disk.message else ""
+                console.print(f"{disk.export}: {disk.state}{message}", soft_wrap=True)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """True once ``event`` is set; False after ``seconds`` without it."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
+
+
+def _endpoint_panel(status: _endpoint.EndpointStatus) -> rich.panel.Panel:
+    runtime = status.runtime
+    grid = rich.table.Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column()
+    style = {"protecting": "green", "closed": "blue"}.get(status.state, "bold red")
+    grid.add_row(
+        "state",
+        rich.text.Text.assemble(
+            (status.state, style),
+            f"   epoch {runtime.epoch}   next LSN {runtime.next_lsn:,}   "
+            f"{_demo.plural(status.connections, 'client connection')}",
+        ),
+    )
+    last = runtime.last_checkpoint
+    grid.add_row(
+        "checkpoint",
+        rich.text.Text("none durable yet", style="yellow")
+        if last is None
+        else rich.text.Text(_demo.describe_checkpoint(last)),
+    )
+    if status.rpo_seconds is None:
+        grid.add_row("RPO", rich.text.Text("-", style="yellow"))
+    else:
+        good = status.rpo_seconds <= status.target_rpo_seconds
+        grid.add_row(
+            "RPO",
+            rich.text.Text.assemble(
+                (_demo.format_seconds(status.rpo_seconds), "green" if good else "bold red"),
+                f"   (target {_demo.format_seconds(status.target_rpo_seconds)})",
+            ),
+        )
+    waiting = status.unshipped_bytes >= status.max_unshipped_bytes
+    grid.add_row(
+        "shipping",
+        rich.text.Text.assemble(
+            (
+                f"unshipped {_demo.format_bytes(status.unshipped_bytes)} of "
+                f"{_demo.format_bytes(status.max_unshipped_bytes)}",
+                "bold yellow" if waiting else "",
+            ),
+            " (writes wait)" if waiting else "",
+            f"   shipped {_demo.format_bytes(runtime.shipped_bytes)}   "
+            f"uploads pending {runtime.pending_uploads}   retries {runtime.upload_retries}",
+        ),
+    )
+    if runtime.last_error:
+        grid.add_row("last error", rich.text.Text(runtime.last_error, style="red"))
+    disks = rich.table.Table(box=None, padding=(0, 2, 0, 0), show_edge=False)
+    for column in ("export", "mode", "state", "progress", "dirty", "writes", "written"):
+        disks.add_column(column, justify="right" if column in ("writes", "written") else "left")
+    notes = []
+    for disk in status.disks:
+        done = disk.state == _endpoint.SyncState.PROTECTING
+        percent = 100.0 * disk.done_bytes / disk.total_bytes if disk.total_bytes else 100.0
+        disks.add_row(
+            disk.export,
+            disk.mode,
+            rich.text.Text(str(disk.state), style="green" if done else "bold yellow"),
+            "" if done else f"{percent:.0f}% of {_demo.format_bytes(disk.total_bytes)}",
+            f"{disk.dirty_regions} x {_demo.format_size(disk.region_size)}",
+            f"{disk.writes:,}",
+            _demo.format_bytes(disk.bytes_written),
+        )
+        if disk.message:
+            notes.append(rich.text.Text(f"{disk.export}: {disk.message}", style="yellow"))
+    grid.add_row("disks", disks)
+    for note in notes:
+        grid.add_row("", note)
+    title = rich.text.Text.assemble(("VPG ", "bold"), (status.vpg, "bold magenta"))
+    hint = rich.text.Text("Ctrl-C stops cleanly", style="dim")
+    return rich.panel.Panel(grid, title=title, title_align="left", subtitle=hint)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event, console: rich.console.Console) -> Iterator[None]:
+    """SIGTERM or a first Ctrl-C set ``stop`` (a clean close); a second Ctrl-C interrupts."""
+    loop = asyncio.get_running_loop()
+
+    def stopping(signum: int) -> None:
+        stop.set()
+        if signum == signal.SIGINT:
+            loop.remove_signal_handler(signal.SIGINT)
+        console.print(f"[yellow]{signal.Signals(signum).name}:[/] stopping cleanly.")
+
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stopping, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread: the default handling stays
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+@contextlib.contextmanager
+def _engine_log() -> Iterator[None]:
+    """Engine warnings (resyncs, retries, a previous writer's void writes) go to stderr."""
+    logger = logging.getLogger("ebbtide")
+    handler = rich.logging.RichHandler(
+        console=rich.console.Console(stderr=True, highlight=False),
+        show_path=False,
+        level=logging.WARNING,
+    )
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
