@@ -202,15 +202,6 @@ class RecoveryResult:
 Progress = Callable[[int, int], None]  # (bytes read so far, bytes to read in all)
 
 
-@dataclasses.dataclass(slots=True)
-class _Planned:
-    vm: str
-    name: _keys.SegmentName
-    key: str
-    size: int
-    range: _index.EpochRange
-
-
 async def recover_to_files(
     store: _base.ObjectStore,
     vpg: str,
@@ -236,7 +227,7 @@ async def recover_to_files(
         )
     promoted = state.promoted_lsn
     ranges = state.recovery_ranges(checkpoint.id, promoted)
-    plan = [item for vm in chosen for item in await _plan_vm(store, layout, vm, ranges)]
+    plan = [item for vm in chosen for item in await _mirror.plan_vm(store, layout, vm, ranges)]
     total = sum(item.size for item in plan)
     files = _DiskFiles(out_dir, {vm: disks[vm] for vm in chosen})
     done = 0
@@ -272,22 +263,6 @@ async def recover_to_files(
         bytes_read=total,
         seconds=time.monotonic() - started,
     )
-
-
-async def _plan_vm(
-    store: _base.ObjectStore, layout: _keys.VpgLayout, vm: str, ranges: list[_index.EpochRange]
-) -> list[_Planned]:
-    by_epoch = {r.epoch: r for r in ranges}
-    plan = []
-    async for info in store.list(layout.journal_prefix(vm)):
-        name = layout.parse_segment(info.key)
-        r = by_epoch.get(name.epoch)
-        if r is None or r.end is None or name.first_lsn > r.end or name.last_lsn < r.start:
-            continue
-        plan.append(_Planned(vm=vm, name=name, key=info.key, size=info.size, range=r))
-    order = {r.epoch: i for i, r in enumerate(ranges)}
-    plan.sort(key=lambda item: (order[item.name.epoch], item.name.first_lsn))
-    return plan
 
 
 class _DiskFiles:
@@ -331,7 +306,7 @@ class _DiskFiles:
         self.fds.clear()
 
 
-def _apply(item: _Planned, body: bytes, files: _DiskFiles) -> None:
+def _apply(item: _mirror.PlannedSegment, body: bytes, files: _DiskFiles) -> None:
     segment = _format.decode_journal_segment(item.key, body, crc=item.name.crc32c)
     name = item.name
     if (segment.first_lsn, segment.last_lsn, segment.epoch, segment.vm) != (
@@ -372,7 +347,7 @@ def _apply(item: _Planned, body: bytes, files: _DiskFiles) -> None:
 
 
 def _check_chain_ends(
-    plan: list[_Planned], vms: list[str], ranges: list[_index.EpochRange]
+    plan: list[_mirror.PlannedSegment], vms: list[str], ranges: list[_index.EpochRange]
 ) -> None:
     """Every VM's journal must reach the position the cut recorded for it."""
     last: dict[tuple[str, int], int] = {}
