@@ -59,10 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = asyncio.run(args.handler(args, console))
     except ebbtide.EbbtideError as exc:
-        errors.print(_demo.error_text(str(exc)))
+        errors.print(_demo.error_text(str(exc)), soft_wrap=True)  # greppable: one line
         return EXIT_ERROR
     except OSError as exc:  # the local side: --out not writable, disk full...
-        errors.print(_demo.error_text(str(exc)))
+        errors.print(_demo.error_text(str(exc)), soft_wrap=True)  # greppable: one line
         return EXIT_ERROR
     except KeyboardInterrupt:
         errors.print(rich.text.Text("interrupted", style="yellow"))

@@ -124,7 +124,12 @@ class Qmp:
     async def connect(cls, path: pathlib.Path, *, within: float = 10.0) -> Qmp:
         await eventually(path.exists, f"QMP socket {path}", within=within)
         async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_unix_connection(path)
+            while True:  # the socket file appears a moment before the daemon listens on it
+                try:
+                    reader, writer = await asyncio.open_unix_connection(path)
+                    break
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.02)
             qmp = cls(reader, writer)
             greeting = await qmp._message()
             assert "QMP" in greeting, greeting
