@@ -46,6 +46,9 @@ class CheckpointKind(enum.IntEnum):
     FAILOVER_TEST = 3
 
 
+_KINDS = {int(kind): kind for kind in CheckpointKind}  # a dict lookup, not an enum call
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A durable, VPG-wide cut: recovery to it yields every write with LSN < ``id``.
@@ -98,18 +101,23 @@ class IndexState:
         self.max_lsn = 0
         self.protected_since_ns: int | None = None  # time of the first takeover record
         self.promotions: dict[int, dict[str, int]] = {}  # promoted LSN -> positions there
+        #: promoted LSN -> VMs whose journal hard limit moved that promotion forward
+        self.promoted_early: dict[int, list[str]] = {}
         self.promoted_lsn = 0  # from the manifest: checkpoints below it are not listed
 
     def apply(self, records: Iterable[_format.IndexRecord]) -> None:
         for record in records:
             self.records.append(record)
-            self.last_seq = max(self.last_seq, record.seq)
-            self.max_lsn = max(self.max_lsn, record.lsn)
+            if record.seq > self.last_seq:
+                self.last_seq = record.seq
+            if record.lsn > self.max_lsn:
+                self.max_lsn = record.lsn
             if record.record == _format.RECORD_CHECKPOINT:
+                kind = _KINDS.get(record.kind)
                 checkpoint = Checkpoint(
                     id=record.lsn,
                     time_ns=record.time_ns,
-                    kind=CheckpointKind(record.kind),
+                    kind=CheckpointKind(record.kind) if kind is None else kind,
                     tag=record.tag,
                     epoch=record.epoch,
                 )
@@ -144,6 +152,9 @@ class IndexState:
                 self.clean_shutdown = True
             elif record.record == _format.RECORD_PROMOTION:
                 self.promotions[record.lsn] = dict(record.positions or ())
+                early = record.detail_json().get("early_for")
+                if early:
+                    self.promoted_early[record.lsn] = [str(vm) for vm in early]
 
     def prune_below(self, promoted_lsn: int) -> None:
         """Stop listing checkpoints below ``promoted_lsn`` (their writes are in the mirror)."""
@@ -158,6 +169,11 @@ class IndexState:
     def checkpoint_columns(self) -> tuple[list[int], list[int], list[int]]:
         """(ids, times in ns, kinds) of the listed checkpoints, oldest first (do not modify)."""
         return self._checkpoint_ids, self._checkpoint_times, self._checkpoint_kinds
+
+    @property
+    def times_sorted(self) -> bool:
+        """Whether checkpoint times ascend with ids (False if a clock went backwards)."""
+        return self._times_sorted
 
     @property
     def last_checkpoint(self) -> Checkpoint | None:

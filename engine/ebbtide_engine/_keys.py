@@ -14,6 +14,7 @@ is a format change.
     vpgs/<vpg>/journal/<vm>/<first-lsn:020>-<last-lsn:020>-e<epoch:010>-<crc32c:08x>.arrow
     vpgs/<vpg>/mirror/<vm>/<disk>/map/<lsn:020>.arrow
     vpgs/<vpg>/mirror/<vm>/<disk>/chunk/<sha256:064x>
+    vpgs/<vpg>/holds/<hold-id>.json
 """
 
 from __future__ import annotations
@@ -115,6 +116,15 @@ class VpgLayout:
         return SegmentName(
             vm=vm, first_lsn=first, last_lsn=last, epoch=epoch, crc32c=int(match.group(4), 16)
         )
+
+    # --- holds (readers keeping promotion's deletions off) ---
+
+    @property
+    def holds_prefix(self) -> str:
+        return f"{self.root}holds/"
+
+    def hold(self, hold_id: str) -> str:
+        return f"{self.holds_prefix}{hold_id}.json"
 
     # --- recovery disks (promotion) ---
 

@@ -98,6 +98,9 @@ class WriterLease:
         self._etag = etag
         self._lock = asyncio.Lock()
         self.lost: _errors.FencedError | None = None
+        #: time.monotonic() until which a writer this one forced out may still be deleting
+        #: garbage (see :meth:`confirm`); promotion waits for it before storing chunks
+        self.foreign_deletions_until = 0.0
 
     @property
     def epoch(self) -> int:
@@ -167,7 +170,10 @@ class WriterLease:
             except _errors.PreconditionFailed:
                 watched = None
                 continue  # it changed under us: someone renewed or took over; look again
-            return cls(store, layout, taken, info.etag)
+            lease = cls(store, layout, taken, info.etag)
+            if current.writer is not None and not expired:  # forced over a live-looking lease
+                lease.foreign_deletions_until = time.monotonic() + current.lease_seconds / 2
+            return lease
 
     async def update(self, change: Callable[[Manifest], Manifest]) -> Manifest:
         """Compare-and-swap the manifest; raises FencedError if another writer took over."""
@@ -195,6 +201,33 @@ class WriterLease:
 
     async def renew(self, now: float) -> None:
         await self.update(lambda m: dataclasses.replace(m, renewed_at=now))
+
+    async def confirm(self, monotonic: Callable[[], float] = time.monotonic) -> float:
+        """Prove this writer still holds the lease; returns a monotonic deadline until it does.
+
+        Renews by compare-and-swap with new bytes (a new etag), so a writer
+        waiting to take over (``takeover="wait"``) starts its ``lease_seconds``
+        of patience again: until ``lease_seconds / 2`` after this call began,
+        no such writer can have taken over. Raises FencedError if one already
+        did. Destructive steps (garbage collection) run only before the deadline.
+        """
+        started = monotonic()
+        await self.update(
+            lambda m: dataclasses.replace(m, renewed_at=max(time.time(), m.renewed_at + 0.001))
+        )
+        return started + self.manifest.lease_seconds / 2
+
+    async def wait_for_foreign_deletions(self) -> None:
+        """After a forced takeover, wait until the old writer's deletion proof has expired.
+
+        A writer forced out may be in the middle of a garbage collection that
+        proved the lease less than ``lease_seconds / 2`` before the takeover;
+        until then a chunk this writer finds already stored (content-addressed)
+        may still be deleted under it.
+        """
+        remaining = self.foreign_deletions_until - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
 
     async def release(self) -> None:
         """Give the lease up after a clean shutdown, so the next writer starts at once."""

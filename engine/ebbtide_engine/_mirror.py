@@ -68,9 +68,13 @@ async def read_chunk(
         data = (await store.get(key)).data
     except _errors.ObjectNotFound:
         raise _errors.CorruptObjectError(key, "a chunk of a recovery disk is missing") from None
-    if hashlib.sha256(data).digest() != digest:
+    if await asyncio.to_thread(_sha256, data) != digest:
         raise _errors.CorruptObjectError(key, "chunk content does not match its SHA-256 name")
     return data
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 async def materialise(
@@ -134,6 +138,20 @@ async def plan_vm(
     return plan
 
 
+def decode_segment(item: PlannedSegment, body: bytes) -> _format.JournalSegment:
+    """Decode and verify a planned segment against its name (any order, any thread)."""
+    segment = _format.decode_journal_segment(item.key, body, crc=item.name.crc32c)
+    name = item.name
+    if (segment.first_lsn, segment.last_lsn, segment.epoch, segment.vm) != (
+        name.first_lsn,
+        name.last_lsn,
+        name.epoch,
+        item.vm,
+    ):
+        raise _errors.CorruptObjectError(item.key, "its contents do not match its name")
+    return segment
+
+
 class ChainCheck:
     """Verifies that each (VM, epoch) chain of segments links up without gaps."""
 
@@ -142,15 +160,13 @@ class ChainCheck:
 
     def decode(self, item: PlannedSegment, body: bytes) -> _format.JournalSegment:
         """Decode ``body`` and check it against its name and its place in the chain."""
-        segment = _format.decode_journal_segment(item.key, body, crc=item.name.crc32c)
+        segment = decode_segment(item, body)
+        self.link(item, segment)
+        return segment
+
+    def link(self, item: PlannedSegment, segment: _format.JournalSegment) -> None:
+        """Check a decoded segment's place in its chain (call in plan order)."""
         name = item.name
-        if (segment.first_lsn, segment.last_lsn, segment.epoch, segment.vm) != (
-            name.first_lsn,
-            name.last_lsn,
-            name.epoch,
-            item.vm,
-        ):
-            raise _errors.CorruptObjectError(item.key, "its contents do not match its name")
         chain_key = (item.vm, name.epoch)
         start = (item.range.start_positions or {}).get(item.vm, 0)
         expected = self.last.get(chain_key, start)
@@ -162,7 +178,6 @@ class ChainCheck:
                 "a segment is missing from the bucket",
             )
         self.last[chain_key] = segment.last_lsn
-        return segment
 
     def check_ends(self, vms: list[str], ranges: list[_index.EpochRange]) -> None:
         """Every VM's journal must reach the position each range's end recorded for it."""

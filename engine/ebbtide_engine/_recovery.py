@@ -1,6 +1,6 @@
 """Point-in-time recovery: materialise a VPG's disks at a durable checkpoint.
 
-A reader, not a writer: it takes no lease and changes nothing in the bucket,
+A reader, not a writer: it takes no lease and changes nothing the writer owns,
 so it can run while the VPG is being protected. For each chosen VM it lists
 the journal, keeps the segments of the epochs that count for the cut (see
 ``IndexState.valid_ranges``), fetches them a few at a time ahead of the one
@@ -12,6 +12,9 @@ WRITE_ZEROES become holes (zeros). Once writes were promoted, it starts from
 the recovery disks at the promoted LSN (``_mirror``) and replays only the
 journal above it. Output: one sparse raw image per disk,
 written as ``<disk>.raw.partial`` and renamed once complete and fsynced.
+
+Before reading anything, it places a hold (``_holds``) so that promotion
+deletes none of the objects it is about to read; that hold is its only write.
 """
 
 from __future__ import annotations
@@ -23,15 +26,19 @@ import ctypes
 import ctypes.util
 import dataclasses
 import datetime
+import logging
 import os
 import pathlib
+import socket
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ebbtide_engine import _errors, _format, _index, _keys, _lease, _mirror
+from ebbtide_engine import _errors, _format, _holds, _index, _keys, _lease, _mirror
 from ebbtide_engine.storage import _base
+
+logger = logging.getLogger("ebbtide.recovery")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -202,6 +209,11 @@ class RecoveryResult:
 Progress = Callable[[int, int], None]  # (bytes read so far, bytes to read in all)
 
 
+def default_hold_owner() -> str:
+    """``cli/<host>/<pid>``: who holds the VPG while this process recovers."""
+    return f"cli/{socket.gethostname()}/{os.getpid()}"
+
+
 async def recover_to_files(
     store: _base.ObjectStore,
     vpg: str,
@@ -211,8 +223,44 @@ async def recover_to_files(
     vms: Sequence[str] | None = None,
     prefetch: int = 4,
     progress: Progress | None = None,
+    hold_owner: str | None = None,
+    hold_purpose: str = "restore",
+    hold_seconds: float = 600.0,
 ) -> RecoveryResult:
-    """Write ``out_dir/<vm>/<disk>.raw`` for the chosen VMs (default all) at the checkpoint."""
+    """Write ``out_dir/<vm>/<disk>.raw`` for the chosen VMs (default all) at the checkpoint.
+
+    Places a hold on the VPG first (``_holds``; renewed while reading,
+    released at the end), so that promotion deletes none of the objects it
+    reads. If the account refuses the hold (read-only credentials), recovery
+    goes on without one; should promotion then delete what it reads, it fails
+    with :class:`PromotedDuringRead` (start again) instead of a bare "not found".
+    """
+    try:
+        hold: _holds.HoldLease | None = await _holds.place_hold(
+            store,
+            vpg,
+            owner=hold_owner or default_hold_owner(),
+            purpose=hold_purpose,
+            ttl_seconds=hold_seconds,
+        )
+    except _errors.AccessDenied as exc:
+        logger.warning("VPG %s: recovering without a hold (%s)", vpg, exc)
+        hold = None
+    if hold is None:
+        return await _recover(store, vpg, selector, out_dir, vms, prefetch, progress)
+    async with hold:
+        return await _recover(store, vpg, selector, out_dir, vms, prefetch, progress)
+
+
+async def _recover(
+    store: _base.ObjectStore,
+    vpg: str,
+    selector: CheckpointSelector,
+    out_dir: pathlib.Path,
+    vms: Sequence[str] | None,
+    prefetch: int,
+    progress: Progress | None,
+) -> RecoveryResult:
     started = time.monotonic()
     layout = _keys.VpgLayout(vpg)
     state = await read_index(store, vpg)
@@ -231,8 +279,8 @@ async def recover_to_files(
     total = sum(item.size for item in plan)
     files = _DiskFiles(out_dir, {vm: disks[vm] for vm in chosen})
     done = 0
+    fetches: dict[int, asyncio.Task[_base.StoredObject]] = {}
     try:
-        fetches: dict[int, asyncio.Task[_base.StoredObject]] = {}
         if promoted:  # start from the recovery disks at the promoted LSN
             existed = state.layout_at(promoted)
             for (vm, disk), fd in files.fds.items():
@@ -250,10 +298,12 @@ async def recover_to_files(
                 progress(done, total)
         _check_chain_ends(plan, chosen, ranges)
         result_disks = await asyncio.to_thread(files.commit)
-    except BaseException:
+    except BaseException as exc:
         for task in fetches.values():
             task.cancel()
         files.discard()
+        if isinstance(exc, (_errors.ObjectNotFound, _errors.CorruptObjectError)):
+            await _raise_if_promoted_meanwhile(store, layout, promoted, exc)
         raise
     return RecoveryResult(
         vpg=vpg,
@@ -263,6 +313,19 @@ async def recover_to_files(
         bytes_read=total,
         seconds=time.monotonic() - started,
     )
+
+
+async def _raise_if_promoted_meanwhile(
+    store: _base.ObjectStore, layout: _keys.VpgLayout, planned: int, exc: _errors.EbbtideError
+) -> None:
+    """A missing object because promotion moved past the planned base: say so (retry)."""
+    try:
+        manifest = await _lease.read_manifest(store, layout)
+    except _errors.EbbtideError:
+        return
+    if manifest is not None and manifest.promoted_lsn > planned:
+        what = repr(exc.key) if isinstance(exc, _errors.CorruptObjectError) else str(exc)
+        raise _holds.PromotedDuringRead(layout.vpg, what) from exc
 
 
 class _DiskFiles:
@@ -307,15 +370,8 @@ class _DiskFiles:
 
 
 def _apply(item: _mirror.PlannedSegment, body: bytes, files: _DiskFiles) -> None:
-    segment = _format.decode_journal_segment(item.key, body, crc=item.name.crc32c)
+    segment = _mirror.decode_segment(item, body)
     name = item.name
-    if (segment.first_lsn, segment.last_lsn, segment.epoch, segment.vm) != (
-        name.first_lsn,
-        name.last_lsn,
-        name.epoch,
-        item.vm,
-    ):
-        raise _errors.CorruptObjectError(item.key, "its contents do not match its name")
     chain_key = (item.vm, name.epoch)
     expected = files.chain.get(chain_key, (item.range.start_positions or {}).get(item.vm, 0))
     if segment.previous_lsn != expected:

@@ -120,6 +120,7 @@ def evaluate(
     protected_since: float | None = None,
     syncing: bool = False,
     cut_short: bool = False,
+    cut_short_vms: Sequence[str] = (),
 ) -> SlaStatus:
     """The SLA status of ``spec``'s VPG at time ``now`` (seconds since the epoch).
 
@@ -127,7 +128,7 @@ def evaluate(
     when protection started (the first writer's takeover, in seconds); if
     None, the oldest checkpoint's time is taken instead. ``syncing``: the
     first full sync still runs. ``cut_short``: a hard limit made promotion run
-    early and the history has not grown back yet.
+    early and the history has not grown back yet (``cut_short_vms``: whose).
     """
     journals = {}
     for vm in spec.vms:
@@ -171,7 +172,11 @@ def evaluate(
     started = oldest.time_ns / 1e9 if protected_since is None else protected_since
     building = now - started < floor
     if at_hard_limit or (cut_short and actual_history < floor):
-        names = ", ".join(repr(j.vm) for j in at_hard_limit) or "(one or more VMs)"
+        names = (
+            ", ".join(repr(j.vm) for j in at_hard_limit)
+            or ", ".join(repr(vm) for vm in cut_short_vms)
+            or "(one or more VMs)"
+        )
         history_condition = Condition(
             HISTORY_CONDITION,
             "False",

@@ -28,6 +28,8 @@ def test_every_key_is_pinned() -> None:
         == "vpgs/prod-db/mirror/web-1/root/chunk/"
         "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
     )
+    assert layout.hold("restore-1") == "vpgs/prod-db/holds/restore-1.json"
+    assert layout.hold("restore-1").startswith(layout.holds_prefix)
     assert layout.parse_mirror_map_lsn(layout.mirror_map("w", "r", 7)) == 7
     assert layout.parse_mirror_chunk(layout.mirror_chunk("w", "r", b"\xab" * 32)) == b"\xab" * 32
 

@@ -16,18 +16,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    invariant,
-    precondition,
-    rule,
-    run_state_machine_as_test,
-)
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import ebbtide_engine as ebbtide
 from ebbtide_engine import storage
+from tests import crashkit
 from tests.engine import model
 from tests.engine.conftest import FaultyStore
 
@@ -36,12 +30,14 @@ DISKS = [("web", "root"), ("web", "data"), ("db", "log")]
 
 
 class JournalMachine(RuleBasedStateMachine):
+    """The engine machine; ``tests/history/test_history_machine.py`` extends it."""
+
     make_store: Callable[[], storage.ObjectStore]
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.spec = model.spec(f"sm-{uuid.uuid4().hex[:10]}")
+        self.spec = self.make_spec()
         self.sizes = {(vm.name, d.name): d.size for vm in self.spec.vms for d in vm.disks}
         self.store = FaultyStore(self.make_store())
         self.disks = model.DisksModel(self.spec)
@@ -51,10 +47,15 @@ class JournalMachine(RuleBasedStateMachine):
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coroutine)
 
+    def make_spec(self) -> ebbtide.VpgSpec:
+        return model.spec(f"sm-{uuid.uuid4().hex[:10]}")
+
+    def runtime_options(self, takeover: str) -> ebbtide.RuntimeOptions:
+        return model.options(takeover=takeover)
+
     def _open(self, takeover: str) -> ebbtide.VpgRuntime:
-        return self._run(
-            ebbtide.VpgRuntime.open(self.spec, self.store, options=model.options(takeover=takeover))
-        )
+        options = self.runtime_options(takeover)
+        return self._run(ebbtide.VpgRuntime.open(self.spec, self.store, options=options))
 
     @property
     def live(self) -> ebbtide.VpgRuntime:
@@ -62,10 +63,11 @@ class JournalMachine(RuleBasedStateMachine):
         return self.runtime
 
     @rule(data=st.data(), disk=st.sampled_from(DISKS))
-    def write(self, data: st.DataObject, disk: tuple[str, str]) -> None:
+    def write(self, data: st.DataObject, disk: tuple[str, str], max_length: int = 6000) -> None:
+        """A write to the runtime and to the model (other rules draw theirs through it too)."""
         size = self.sizes[disk]
         offset = data.draw(st.integers(0, size - 1), label="offset")
-        length = data.draw(st.integers(1, min(6000, size - offset)), label="length")
+        length = data.draw(st.integers(1, min(max_length, size - offset)), label="length")
         payload = data.draw(st.binary(min_size=length, max_size=length), label="payload")
         self._run(self.live.write(*disk, offset, payload))
         self.disks.write(*disk, offset, payload)
@@ -117,17 +119,15 @@ class JournalMachine(RuleBasedStateMachine):
         listed = self._run(ebbtide.list_checkpoints(self.store.inner, self.spec.name))
         assert [c.id for c in listed] == self.committed
         with tempfile.TemporaryDirectory() as directory:
-            for checkpoint_id in self.committed:
-                out = pathlib.Path(directory) / str(checkpoint_id)
-                self._run(
-                    ebbtide.recover_to_files(
-                        self.store.inner,
-                        self.spec.name,
-                        ebbtide.CheckpointSelector(id=checkpoint_id),
-                        out,
-                    )
+            self._run(
+                crashkit.recover_and_compare(
+                    self.store.inner,
+                    self.spec.name,
+                    self.committed,
+                    self.disks,
+                    pathlib.Path(directory),
                 )
-                self.disks.assert_recovered(checkpoint_id, out)
+            )
 
     def teardown(self) -> None:
         try:
@@ -140,30 +140,10 @@ class JournalMachine(RuleBasedStateMachine):
             self.loop.close()
 
 
-def _machine(make_store: Callable[[], storage.ObjectStore]) -> type[JournalMachine]:
-    return type("Machine", (JournalMachine,), {"make_store": staticmethod(make_store)})
-
-
 def test_journal_state_machine_in_memory() -> None:
-    run_state_machine_as_test(
-        _machine(storage.MemoryStore),
-        settings=settings(
-            max_examples=40,
-            stateful_step_count=30,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    crashkit.run_machine(JournalMachine, storage.MemoryStore, examples=40, steps=30)
 
 
 @pytest.mark.slow
 def test_journal_state_machine_on_s3(s3_url: str) -> None:
-    run_state_machine_as_test(
-        _machine(lambda: storage.open_store(s3_url)),
-        settings=settings(
-            max_examples=6,
-            stateful_step_count=20,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    crashkit.run_machine(JournalMachine, lambda: storage.open_store(s3_url), examples=6, steps=20)

@@ -5,21 +5,21 @@
 faster than the wall clock from ``T0`` (one real second is two hours, so
 the 1-hour history window and the dilution tiers are crossed within a
 second), prints ``ready <first lsn>``, then performs ``operations(seed)``
-forever without waiting for its checkpoints, while history passes
-(promotion, GC, dilution, index rewrites) run back to back in the
+forever without waiting for its (automatic) checkpoints, while history
+passes (promotion, GC, dilution, index rewrites) run back to back in the
 background. The test kills it at a random moment and replays the same
-operations to know what every checkpoint must contain.
+operations to know what every checkpoint must contain (``tests/crashkit.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import sys
 import time
 from collections.abc import Iterator
 
 import ebbtide_engine as ebbtide
+from tests import crashkit
 from tests.engine import model
 
 VPG = "crash-history"
@@ -46,54 +46,25 @@ def clock(t0: float) -> float:
     return 1_800_000_000.0 + (time.time() - t0) * SPEED
 
 
-def operations(seed: int) -> Iterator[tuple[str, str, str, int, int, bytes]]:
-    """(op, vm, disk, offset, length, data) forever; op is write/trim/zero/checkpoint."""
-    rng = random.Random(seed)
-    sizes = {(vm.name, d.name): d.size for vm in spec().vms for d in vm.disks}
-    keys = sorted(sizes)
-    while True:
-        if rng.random() < 0.08:
-            yield ("checkpoint", "", "", 0, 0, b"")
-            continue
-        vm, disk = rng.choice(keys)
-        offset = rng.randrange(sizes[(vm, disk)])
-        length = rng.randint(1, min(8_000, sizes[(vm, disk)] - offset))
-        roll = rng.random()
-        if roll < 0.85:
-            yield ("write", vm, disk, offset, length, rng.randbytes(length))
-        else:
-            yield ("trim" if roll < 0.93 else "zero", vm, disk, offset, length, b"")
+def operations(seed: int) -> Iterator[crashkit.Operation]:
+    return crashkit.operations(spec(), seed, checkpoint_probability=0.08, max_length=8_000)
 
 
-async def main(url: str, seed: int, t0: float) -> None:
-    store = ebbtide.open_store(url)
-    runtime = await ebbtide.VpgRuntime.open(
-        spec(),
-        store,
-        options=ebbtide.RuntimeOptions(
-            auto_checkpoints=False,
-            takeover="force",
-            retry_initial_seconds=0.01,
-            clock=lambda: clock(t0),
-            maintenance_seconds=0.02,
-            mirror_chunk_size=4096,
-            compact_every=16,
-        ),
+def options(t0: float) -> ebbtide.RuntimeOptions:
+    return ebbtide.RuntimeOptions(
+        auto_checkpoints=False,
+        takeover="force",
+        retry_initial_seconds=0.01,
+        lease_seconds=1.0,  # the next writer's first promotion waits half of it (forced takeover)
+        clock=lambda: clock(t0),
+        maintenance_seconds=0.02,
+        mirror_chunk_size=4096,
+        compact_every=16,
     )
-    first_lsn = runtime.status().next_lsn
-    print(f"ready {first_lsn}", flush=True)
-    pending = []
-    for op, vm, disk, offset, length, data in operations(seed):
-        if op == "write":
-            await runtime.write(vm, disk, offset, data)
-        elif op == "trim":
-            await runtime.trim(vm, disk, offset, length)
-        elif op == "zero":
-            await runtime.write_zeroes(vm, disk, offset, length)
-        else:
-            pending.append(runtime.request_checkpoint(ebbtide.CheckpointKind.AUTOMATIC))
-        await asyncio.sleep(0.001)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+    url, seed, t0 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    workload = operations(seed)
+    kind = ebbtide.CheckpointKind.AUTOMATIC  # dilution thins only automatic ones
+    asyncio.run(crashkit.serve(url, spec(), options(t0), workload, kind=kind))

@@ -17,14 +17,14 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
-from hypothesis.stateful import rule, run_state_machine_as_test
+from hypothesis.stateful import rule
 
 import ebbtide_engine as ebbtide
 from ebbtide_engine import storage
+from tests import crashkit
 from tests.engine import model
-from tests.engine.conftest import FaultyStore
 from tests.engine.test_state_machine import DISKS, JournalMachine
 from tests.history.test_dilution import tier_violations
 
@@ -44,26 +44,19 @@ class HistoryMachine(JournalMachine):
         self.kinds: dict[int, ebbtide.CheckpointKind] = {}
         self.times: dict[int, int] = {}
         super().__init__()
-        # The base machine built its spec before we could say which: rebuild it.
-        self._run(self.live.close())
-        self._run(self.store.inner.close())
-        self.spec = model.spec(
-            f"hm-{uuid.uuid4().hex[:10]}", journalHistory="1h", dilution=DILUTION
-        )
-        self.store = FaultyStore(self.make_store())
-        self.disks = model.DisksModel(self.spec)
-        self.committed = []
-        self.runtime = self._open("wait")
 
-    def _open(self, takeover: str) -> ebbtide.VpgRuntime:
-        options = model.options(
+    def make_spec(self) -> ebbtide.VpgSpec:
+        return model.spec(f"hm-{uuid.uuid4().hex[:10]}", journalHistory="1h", dilution=DILUTION)
+
+    def runtime_options(self, takeover: str) -> ebbtide.RuntimeOptions:
+        return model.options(
             takeover=takeover,
+            lease_seconds=0.3,  # after a crash, the forced takeover's first promotion waits 0.15 s
             clock=lambda: self.now,
             maintenance_seconds=None,
             mirror_chunk_size=4096,
             compact_every=8,
         )
-        return self._run(ebbtide.VpgRuntime.open(self.spec, self.store, options=options))
 
     def _note(self, checkpoint: ebbtide.Checkpoint) -> None:
         self.kinds[checkpoint.id] = checkpoint.kind
@@ -99,11 +92,7 @@ class HistoryMachine(JournalMachine):
     def a_while_passes(self, count: int, spacing: int, data: st.DataObject) -> None:
         """A stretch of automatic checkpoints ``spacing`` seconds apart, a write before each."""
         for _ in range(count):
-            vm, disk = data.draw(st.sampled_from(DISKS), label="disk")
-            offset = data.draw(st.integers(0, self.sizes[(vm, disk)] - 512), label="offset")
-            payload = data.draw(st.binary(min_size=1, max_size=512), label="payload")
-            self._run(self.live.write(vm, disk, offset, payload))
-            self.disks.write(vm, disk, offset, payload)
+            self.write(data, data.draw(st.sampled_from(DISKS), label="disk"), max_length=512)
             self.auto_checkpoint()
             self.now += spacing
         if data.draw(st.booleans(), label="then a history pass"):
@@ -136,30 +125,10 @@ class HistoryMachine(JournalMachine):
         self.committed = after
 
 
-def _machine(make_store: type[storage.ObjectStore] | object) -> type[HistoryMachine]:
-    return type("Machine", (HistoryMachine,), {"make_store": staticmethod(make_store)})
-
-
 def test_history_state_machine_in_memory() -> None:
-    run_state_machine_as_test(
-        _machine(storage.MemoryStore),
-        settings=settings(
-            max_examples=40,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    crashkit.run_machine(HistoryMachine, storage.MemoryStore, examples=40, steps=40)
 
 
 @pytest.mark.slow
 def test_history_state_machine_on_s3(s3_url: str) -> None:
-    run_state_machine_as_test(
-        _machine(lambda: storage.open_store(s3_url)),
-        settings=settings(
-            max_examples=5,
-            stateful_step_count=25,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    crashkit.run_machine(HistoryMachine, lambda: storage.open_store(s3_url), examples=5, steps=25)

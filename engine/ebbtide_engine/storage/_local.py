@@ -29,6 +29,9 @@ Why writes are safe:
   ``_LOCK_STRIPES`` lock files chosen by a hash of the key, so a
   compare-and-swap is atomic against every other writer on the host; the new
   version is a fsynced temporary file moved over the old with ``os.replace``.
+- ``put_file`` (an overwrite) streams the source through one buffer into a
+  temporary file, hashing it on the way, fsyncs it, and moves it over the
+  key with ``os.replace`` under the key's lock, then fsyncs the directory.
 - A crash leaves at most a stray file in ``.ebbtide/tmp``, which no read or
   listing ever looks at (it can be removed by hand when no writer runs).
 
@@ -51,8 +54,9 @@ import os
 import pathlib
 import stat
 import sys
+import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from ebbtide_engine import _errors
 from ebbtide_engine.storage import _base
@@ -64,6 +68,7 @@ _FILE_MODE = 0o600  # objects hold disk contents: readable by the owner only
 _READ_CHUNK = 1 << 20
 _INFO_BATCH = 256  # files stat-ed per thread hop while listing
 _LINK_ATTEMPTS = 10  # a concurrent delete may remove a parent dir we just made
+_COPY_CHUNK = 8 << 20  # put_file's buffer (or part_size, if smaller)
 
 # (Named here because inside the class, ``list`` is the method.)
 _Paths = list[pathlib.Path]
@@ -104,6 +109,46 @@ class LocalStore(_base.ObjectStore):
     async def put_if_match(self, key: str, data: bytes, *, etag: str) -> _base.ObjectInfo:
         path = self._path(key)
         return await asyncio.to_thread(self._put_if_match, key, path, data, etag)
+
+    async def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        part_size: int = _base.DEFAULT_PART_SIZE,
+        concurrency: int = _base.DEFAULT_CONCURRENCY,
+        progress: _base.Progress | None = None,
+    ) -> _base.ObjectInfo:
+        """Stream the file into a temporary file (one buffer), fsync, rename over ``key``.
+
+        One worker thread copies and hashes; ``concurrency`` does not apply.
+        A cancellation stops the copy at its next buffer and waits for the
+        thread to clean up, so nothing is published after it (unless the
+        rename was already under way).
+        """
+        _base.check_part_options(part_size, concurrency)
+        target = self._path(key)
+        loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
+
+        def report(done: int) -> None:
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, done)
+
+        copy = asyncio.ensure_future(
+            asyncio.to_thread(
+                self._put_file, key, target, path, min(part_size, _COPY_CHUNK), report, cancelled
+            )
+        )
+        try:
+            return await asyncio.shield(copy)
+        except asyncio.CancelledError:
+            cancelled.set()
+            while not copy.done():  # let the thread remove its temporary file
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([copy])
+            copy.exception()  # _Cancelled, most likely: retrieved, not logged
+            raise
 
     async def get(
         self, key: str, *, byte_range: tuple[int, int] | None = None
@@ -202,12 +247,18 @@ class LocalStore(_base.ObjectStore):
         try:
             temp, info = self._write_temp(key, data)
             try:
+                created: _Paths = []
                 for _ in range(_LINK_ATTEMPTS):
-                    created = self._make_parents(key, path)
                     try:
                         os.link(temp, path)
                     except FileNotFoundError:
-                        continue  # a concurrent delete pruned a parent we made: again
+                        # A directory above it is missing: the first object there, or
+                        # a concurrent delete pruned it (even one we just made). Make
+                        # them and try again. (Not before: mkdir of every parent on
+                        # every put costs syscalls that contend for the directories.)
+                        self._require_root("put", key)
+                        created.extend(self._make_parents(key, path))
+                        continue
                     except FileExistsError:
                         if path.is_dir():
                             raise self._shape_conflict(key) from None
@@ -217,7 +268,7 @@ class LocalStore(_base.ObjectStore):
                     except NotADirectoryError:
                         raise self._shape_conflict(key) from None
                     for directory in {path.parent, *created}:
-                        _fsync_dir(directory)
+                        self._fsync_dir_left(directory)  # gone: deleted since (same key)
                     return info
                 raise _errors.StorageUnavailable(
                     f"{self.description}: {key!r}: its directory kept vanishing while "
@@ -252,6 +303,87 @@ class LocalStore(_base.ObjectStore):
         except OSError as exc:
             raise self._os_error(exc, "put_if_match", key) from exc
 
+    def _put_file(
+        self,
+        key: str,
+        path: pathlib.Path,
+        source: str | os.PathLike[str],
+        chunk: int,
+        report: Callable[[int], None],
+        cancelled: threading.Event,
+    ) -> _base.ObjectInfo:
+        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)  # unreadable: its OSError as is
+        try:
+            try:
+                temp, fd = self._open_temp(key)
+            except OSError as exc:
+                raise self._os_error(exc, "put_file", key) from exc
+            try:
+                try:
+                    size = os.fstat(src).st_size
+                    etag = _copy(src, fd, size, chunk, report, cancelled)
+                    _save_etag(fd, etag, os.fstat(fd))
+                    os.fsync(fd)
+                except _ReadFailed as failed:
+                    raise failed.error from None  # the source's problem, not the store's
+                except _WriteFailed as failed:
+                    raise self._os_error(failed.error, "put_file", key) from failed.error
+                except OSError as exc:
+                    raise self._os_error(exc, "put_file", key) from exc
+                finally:
+                    os.close(fd)
+                self._publish(key, path, temp, cancelled)
+                if size == 0:
+                    report(0)
+                return _base.ObjectInfo(key=key, size=size, etag=etag)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+        finally:
+            os.close(src)
+
+    def _open_temp(self, key: str) -> tuple[str, int]:
+        """A new, empty temporary file in ``.ebbtide/tmp``: its name and descriptor."""
+        self._require_root("put", key)
+        temp = str(self._tmp_dir / f"{uuid.uuid4().hex}.part")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return temp, os.open(temp, flags, _FILE_MODE)
+        except FileNotFoundError:  # the first put here: make .ebbtide/tmp
+            _mkdir(self._tmp_dir.parent)
+            _mkdir(self._tmp_dir)
+            return temp, os.open(temp, flags, _FILE_MODE)
+
+    def _publish(self, key: str, path: pathlib.Path, temp: str, cancelled: threading.Event) -> None:
+        """Move the fsynced ``temp`` over ``path`` (an overwrite), durably."""
+        try:
+            created: _Paths = []
+            for _ in range(_LINK_ATTEMPTS):
+                with self._key_lock(key):
+                    if cancelled.is_set():
+                        raise _Cancelled
+                    try:
+                        os.replace(temp, path)
+                    except FileNotFoundError:
+                        missing = True  # a directory above it: make them, then again
+                    except (IsADirectoryError, NotADirectoryError):
+                        raise self._shape_conflict(key) from None
+                    else:
+                        missing = False
+                if missing:
+                    self._require_root("put", key)
+                    created.extend(self._make_parents(key, path))
+                    continue
+                for directory in {path.parent, *created}:
+                    self._fsync_dir_left(directory)
+                return
+            raise _errors.StorageUnavailable(
+                f"{self.description}: {key!r}: its directory kept vanishing while "
+                "writing (concurrent deletes); try again"
+            )
+        except OSError as exc:
+            raise self._os_error(exc, "put_file", key) from exc
+
     def _get(
         self, key: str, path: pathlib.Path, byte_range: tuple[int, int] | None
     ) -> _base.StoredObject:
@@ -280,27 +412,49 @@ class LocalStore(_base.ObjectStore):
                     os.unlink(path)
                 except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                     return  # no such object: deleting is idempotent
-                _fsync_dir(path.parent)
+                self._fsync_dir_left(path.parent)
             # Prune directories left empty, so the tree does not fill with husks.
-            # A put_new racing with this retries if its parent vanishes.
+            # A put_new racing with this retries if its parent vanishes; a
+            # delete racing with this may find its directory gone (above).
             directory = path.parent
             while directory != self.root:
                 try:
                     directory.rmdir()
                 except OSError:
                     break  # not empty (or gone): stop here
-                _fsync_dir(directory.parent)
+                self._fsync_dir_left(directory.parent)
                 directory = directory.parent
         except OSError as exc:
             raise self._os_error(exc, "delete", key) from exc
 
+    def _fsync_dir_left(self, directory: pathlib.Path) -> None:
+        """Fsync ``directory``, or if a concurrent delete pruned it, the nearest one left.
+
+        The entry this thread just removed (or added) was in ``directory``;
+        if ``directory`` itself is gone, its removal is recorded in an
+        ancestor, and fsyncing the nearest existing one makes the state
+        durable in which neither exists.
+        """
+        while True:
+            try:
+                _fsync_dir(directory)
+                return
+            except (FileNotFoundError, NotADirectoryError):
+                if directory == self.root:
+                    raise
+                directory = directory.parent
+
     def _write_temp(self, key: str, data: bytes) -> tuple[str, _base.ObjectInfo]:
         """A fsynced temporary file holding ``data`` and its etag attribute."""
         self._require_root("put", key)
-        _mkdir(self._tmp_dir.parent)
-        _mkdir(self._tmp_dir)
         temp = str(self._tmp_dir / f"{uuid.uuid4().hex}.part")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(temp, flags, _FILE_MODE)
+        except FileNotFoundError:  # the first put here: make .ebbtide/tmp
+            _mkdir(self._tmp_dir.parent)
+            _mkdir(self._tmp_dir)
+            fd = os.open(temp, flags, _FILE_MODE)
         try:
             view = memoryview(data)
             while view:
@@ -461,6 +615,67 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Cancelled(Exception):
+    """put_file's caller was cancelled: the copying thread stops and cleans up."""
+
+
+class _WriteFailed(Exception):
+    """Writing the temporary file failed (a store error, unlike reading the source)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _ReadFailed(_WriteFailed):
+    """Reading put_file's source failed: its ``OSError`` goes to the caller unchanged."""
+
+
+def _copy(
+    src: int,
+    dst: int,
+    size: int,
+    chunk: int,
+    report: Callable[[int], None],
+    cancelled: threading.Event,
+) -> str:
+    """Copy ``size`` bytes of ``src`` to ``dst`` through one ``chunk``-sized buffer; the MD5.
+
+    Errors reading ``src`` (also one shorter than ``size``: it changed)
+    raise ``_ReadFailed``, errors writing ``dst`` ``_WriteFailed``: the
+    caller passes the first on as they are and makes the second a
+    ``StorageError``.
+    """
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    digest = hashlib.md5(usedforsecurity=False)
+    done = 0
+    while done < size:
+        if cancelled.is_set():
+            raise _Cancelled
+        try:
+            got = os.preadv(src, [view[: min(chunk, size - done)]], done)
+        except OSError as exc:
+            raise _ReadFailed(exc) from exc
+        if not got:
+            raise _ReadFailed(
+                OSError(
+                    f"the file shrank while it was being uploaded (nothing at byte {done}); "
+                    "it must not change meanwhile"
+                )
+            )
+        digest.update(view[:got])
+        out = view[:got]
+        try:
+            while out:
+                out = out[os.write(dst, out) :]
+        except OSError as exc:
+            raise _WriteFailed(exc) from exc
+        done += got
+        report(done)
+    return digest.hexdigest()
 
 
 def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
