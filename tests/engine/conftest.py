@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 
 import ebbtide_engine as ebbtide
 from ebbtide_engine import storage
@@ -41,6 +42,20 @@ class FaultyStore(storage.ObjectStore):
 
     async def put_if_match(self, key: str, data: bytes, *, etag: str) -> storage.ObjectInfo:
         return await self.inner.put_if_match(key, data, etag=etag)
+
+    async def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        part_size: int = 64 << 20,
+        concurrency: int = 4,
+        progress: Callable[[int], None] | None = None,
+    ) -> storage.ObjectInfo:
+        await self.gate.wait()
+        return await self.inner.put_file(
+            key, path, part_size=part_size, concurrency=concurrency, progress=progress
+        )
 
     async def get(
         self, key: str, *, byte_range: tuple[int, int] | None = None

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
+
+#: ``progress(bytes_uploaded_so_far)``, called on the event loop as parts land.
+Progress = Callable[[int], None]
+
+#: The defaults of :meth:`ObjectStore.put_file`: at most 256 MiB buffered per upload.
+DEFAULT_PART_SIZE = 64 << 20
+DEFAULT_CONCURRENCY = 4
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,6 +76,48 @@ class ObjectStore(abc.ABC):
         changed (or was deleted) since ``etag`` was read; nothing is written.
         """
 
+    async def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        part_size: int = DEFAULT_PART_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        progress: Progress | None = None,
+    ) -> ObjectInfo:
+        """Store the file at ``path`` as ``key``, streamed: for images of any size.
+
+        An **overwrite**, not create-only: an existing ``key`` is replaced
+        (there is no condition on it; the caller owns the key). Atomic like
+        the other puts: readers see the old object (or none) until the new
+        one is whole. If the upload fails or is cancelled, ``key`` keeps
+        what it had (S3: the multipart upload is aborted, so no parts are
+        left behind); a cancellation that arrives after the new object was
+        published may leave the new object.
+
+        The file is read ``part_size`` bytes at a time by up to
+        ``concurrency`` parts at once, so memory is bounded by
+        ``part_size * concurrency`` (S3: twice that, as the HTTP stack
+        copies each part's body once), whatever the file's size. Backends may
+        raise ``part_size`` to their own minimum (S3: 5 MiB, and enough that
+        the file fits in 10,000 parts). Holes are uploaded as zeros. The
+        file must not change while it is uploaded.
+
+        ``progress``, if given, is called on the event loop with the number
+        of bytes uploaded so far, as parts complete (last with the size).
+        Storage failures raise the ``StorageError`` subclasses above; a file
+        that cannot be read raises its ``OSError`` unchanged; a
+        ``part_size`` or ``concurrency`` below 1 raises ``ValueError``.
+
+        Not abstract, so that wrappers written before it existed still
+        instantiate; every backend here overrides it, and a wrapper that
+        does not raises ``NotImplementedError`` rather than reading a whole
+        image into memory.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement put_file; wrap it to forward put_file"
+        )
+
     @abc.abstractmethod
     async def get(self, key: str, *, byte_range: tuple[int, int] | None = None) -> StoredObject:
         """Read ``key``, or the half-open range ``[start, end)`` of it.
@@ -110,3 +160,36 @@ class ObjectStore(abc.ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def check_part_options(part_size: int, concurrency: int) -> None:
+    """Raise ``ValueError`` for a ``put_file`` ``part_size`` or ``concurrency`` below 1."""
+    if part_size < 1:
+        raise ValueError(f"put_file: part_size must be at least 1 byte, not {part_size}")
+    if concurrency < 1:
+        raise ValueError(f"put_file: concurrency must be at least 1, not {concurrency}")
+
+
+def read_range(path: str | os.PathLike[str], offset: int, size: int) -> bytes:
+    """``size`` bytes of the file at ``path`` from ``offset`` (blocking; run in a thread).
+
+    Opens and closes the file itself, so a cancelled caller that stops
+    waiting for the thread leaves no descriptor behind. Raises ``OSError``
+    if the file is shorter than that (it changed while being uploaded).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks: list[bytes] = []
+        left = size
+        while left > 0:
+            chunk = os.pread(fd, left, offset + size - left)
+            if not chunk:
+                raise OSError(
+                    f"{os.fspath(path)}: the file shrank while it was being uploaded "
+                    f"(nothing at byte {offset + size - left}); it must not change meanwhile"
+                )
+            chunks.append(chunk)
+            left -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -8,8 +8,10 @@ process: never a storage account for real data.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import hashlib
+import os
 from collections.abc import AsyncIterator
 
 from ebbtide_engine import _errors
@@ -49,6 +51,32 @@ class MemoryStore(_base.ObjectStore):
                 f"{self.description}: {key!r} changed since etag {etag!r} was read"
             )
         return self._store(key, data)
+
+    async def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        part_size: int = _base.DEFAULT_PART_SIZE,
+        concurrency: int = _base.DEFAULT_CONCURRENCY,
+        progress: _base.Progress | None = None,
+    ) -> _base.ObjectInfo:
+        """Read the file a part at a time (as the others do), then store it whole."""
+        _base.check_part_options(part_size, concurrency)
+        size = (await asyncio.to_thread(os.stat, path)).st_size
+        parts: list[bytes] = []
+        done = 0
+        while done < size:
+            part = await asyncio.to_thread(
+                _base.read_range, path, done, min(part_size, size - done)
+            )
+            parts.append(part)
+            done += len(part)
+            if progress is not None:
+                progress(done)
+        if progress is not None and size == 0:
+            progress(0)
+        return self._store(key, b"".join(parts))
 
     async def get(
         self, key: str, *, byte_range: tuple[int, int] | None = None
