@@ -295,7 +295,7 @@ def encode_journal_segment(
     offset: np.ndarray[Any, np.dtype[np.uint64]],
     length: np.ndarray[Any, np.dtype[np.uint64]],
     data_offsets: np.ndarray[Any, np.dtype[np.int64]],
-    data: bytes,
+    data: bytes | memoryview,
 ) -> bytes:
     """Encode one sealed journal buffer (rows in LSN order) as an Arrow IPC file."""
     count = len(lsn)
@@ -452,28 +452,56 @@ def _index_records(
         raise _errors.CorruptObjectError(
             key, f"holds sequence {meta.get('ebbtide.seq')!r}, its name says {seq}"
         )
-    columns = table.to_pydict()
-    records = []
-    for i in range(table.num_rows):
-        positions = columns["positions"][i]
-        records.append(
-            IndexRecord(
-                record=columns["record"][i],
-                seq=columns["seq"][i],
-                lsn=columns["lsn"][i],
-                time_ns=columns["time_ns"][i],
-                epoch=columns["epoch"][i],
-                kind=columns["kind"][i],
-                tag=columns["tag"][i],
-                detail=columns["detail"][i],
-                positions=(
-                    None
-                    if positions is None
-                    else tuple((item["journal"], item["lsn"]) for item in positions)
-                ),
-            )
+    # Column by column (numpy and one list per column), not to_pydict(): that
+    # builds a dict per position, which dominated loading a 1M-record snapshot.
+    plain = {
+        name: table.column(name).combine_chunks().to_numpy().tolist()
+        for name in ("record", "seq", "lsn", "time_ns", "epoch", "kind")
+    }
+    tags = table.column("tag").combine_chunks().to_pylist()
+    details = table.column("detail").combine_chunks().to_pylist()
+    lists = table.column("positions").combine_chunks()
+    valid = lists.is_valid().to_numpy(zero_copy_only=False).tolist()
+    offsets = lists.offsets.to_numpy().tolist()
+    journal, journal_lsn = lists.values.flatten()  # offsets index the whole child array
+    names = journal.dictionary_encode()
+    journals = (
+        np.array([*names.dictionary.to_pylist(), None], dtype=object)[
+            names.indices.fill_null(len(names.dictionary)).to_numpy()
+        ].tolist()
+        if len(names)
+        else []
+    )
+    pairs = list(zip(journals, journal_lsn.to_numpy(zero_copy_only=False).tolist(), strict=True))
+    return [
+        IndexRecord(  # positional: (record, seq, lsn, time_ns, epoch, kind, tag, detail, positions)
+            record,
+            seq_,
+            lsn,
+            time_ns,
+            epoch,
+            kind,
+            tag,
+            detail,
+            ((pairs[start],) if end - start == 1 else tuple(pairs[start:end]))
+            if is_valid
+            else None,
         )
-    return records
+        for record, seq_, lsn, time_ns, epoch, kind, tag, detail, is_valid, start, end in zip(
+            plain["record"],
+            plain["seq"],
+            plain["lsn"],
+            plain["time_ns"],
+            plain["epoch"],
+            plain["kind"],
+            tags,
+            details,
+            valid,
+            offsets[:-1],
+            offsets[1:],
+            strict=True,
+        )
+    ]
 
 
 # --- recovery-disk chunk maps ------------------------------------------------

@@ -2,28 +2,49 @@
 
 It owns the VPG's journals while it holds the writer lease: every write,
 trim and zero-write gets the next VPG-wide LSN and lands in its VM's
-buffer; buffers are sealed at each checkpoint (and on size) and uploaded by
-``upload_concurrency`` workers; a checkpoint is committed to the index only
+buffer; buffers are sealed at each checkpoint (and on size), encoded at
+once on a small thread pool, and uploaded by ``upload_concurrency`` workers
+in the order they were sealed; a checkpoint is committed to the index only
 after every segment sealed before it is durable, and checkpoints commit in
-LSN order. Memory for unshipped data is bounded by ``maxUnshippedBytes``:
-past it, ``write()`` waits (the NBD endpoint then delays its replies), so a
-slow or failing bucket slows the writer and grows the RPO, and never drops a
-write. Failed uploads are retried with backoff until they land.
+LSN order. Failed uploads are retried with backoff until they land.
 
-What it stores: nothing locally. On open it rebuilds everything from the
-bucket (next LSN, checkpoints, whether the previous writer stopped cleanly
-and which of its writes are void) and records a takeover in the index.
+Backpressure. Unshipped data held in memory (write data until its segment
+is encoded, then the encoded segment) is bounded by ``maxUnshippedBytes``.
+Past ``maxUnshippedBytes - 2 x segmentMaxBytes``, encoded segments waiting
+for an upload *spill* to ``RuntimeOptions.spill_dir`` (the youngest first:
+they are uploaded last) and are read back when their turn comes, so a
+burst is acknowledged at local-disk speed while shipping catches up;
+``journal.maxSpillBytes`` bounds the spill. Past both bounds (or without a
+spill directory, or while spilling fails) ``write()`` waits and the NBD
+endpoint delays its replies: a slow or failing bucket slows the writer and
+grows the RPO, and never drops a write.
+
+What it stores locally: only spill files, ``<first>-<last>-e<epoch>-<crc>.arrow``,
+each a segment exactly as it will be uploaded (not fsynced). A spilled
+write is no more durable than one in memory: it is durable once its
+segment is in the bucket and a checkpoint covering it is committed, and
+whoever must survive a crash keeps its own record of what is not yet
+durable (the endpoint's dirty map). So at open every spill file found is
+deleted, never uploaded: it belongs to a writer epoch that has ended.
+Everything else is rebuilt from the bucket on open (next LSN, checkpoints,
+whether the previous writer stopped cleanly and which of its writes are
+void), and a takeover is recorded in the index.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
+import os
+import pathlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -66,6 +87,11 @@ class RuntimeOptions:
     #: recovery disks: bytes per chunk object, and memory for chunks being patched
     mirror_chunk_size: int = 4 << 20
     promotion_memory_bytes: int = 256 << 20
+    #: where encoded segments spill when memory is at its bound (None: no spill, writers
+    #: wait). This VPG's writer must own it alone: files left in it are deleted at open.
+    spill_dir: pathlib.Path | None = None
+    #: threads that encode sealed segments (Arrow IPC, checksums)
+    encode_threads: int = 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,6 +125,10 @@ class RuntimeStatus:
     last_error: str | None
     previous_writer: VoidWrites | None
     sla: _sla.SlaStatus | None = None  # phase, RPO and history against the spec, conditions
+    memory_bytes: int = 0  # unshipped data held in memory (what maxUnshippedBytes bounds)
+    spilled_bytes: int = 0  # encoded segments in the spill directory, not yet uploaded
+    spill_error: str | None = None  # why spilling failed lately (None: working, or off)
+    writes_waiting: int = 0  # writes held back right now by the bounds (backpressure)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -111,10 +141,20 @@ class Maintenance:
     promoted_early: bool = False  # a journal at its hard limit moved promotion forward
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, eq=False)
 class _Upload:
+    """One sealed segment on its way to the bucket: encoded, maybe spilled, uploaded."""
+
     segment: _journal.SealedSegment
-    done: asyncio.Future[None]
+    done: asyncio.Future[None]  # set once it is in the bucket
+    ready: asyncio.Future[None]  # set once encoded (key, body and size known)
+    memory: int  # bytes it holds in memory (counted in VpgRuntime._memory)
+    key: str = ""
+    body: bytes | None = None  # None once spilled (until read back for the upload)
+    size: int = 0  # encoded bytes
+    spill: pathlib.Path | None = None  # its spill file, once written
+    spilling: asyncio.Task[None] | None = None  # the spill write in progress
+    uploading: bool = False  # an upload worker took it
 
 
 @dataclasses.dataclass(slots=True)
@@ -173,21 +213,41 @@ class VpgRuntime:
         self._commits: collections.deque[_PendingCommit] = collections.deque()
         self._commit_wakeup = asyncio.Event()
         self._space = asyncio.Condition()
-        self._unshipped = 0
+        self._unshipped = 0  # payload bytes accepted and not yet in the bucket
+        self._memory = 0  # bytes of unshipped data held in memory (the bound applies)
+        self._spilled = 0  # bytes in spill files
+        self._writes_waiting = 0  # writers inside _reserve, held back by the bounds
+        self._spilling = 0  # bytes being written to spill files
+        self._spill_error: str | None = None
+        self._spill_retry_at = 0.0  # monotonic; no spill before (after a failure)
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._in_order = asyncio.Lock()
         self._shipped = 0
         self._retries = 0
         self._last_error: str | None = None
         self._listeners: list[Callable[[_index.Checkpoint], None]] = []
         self._syncing = False
-        self._cut_short = False  # a hard limit promoted early; history not grown back yet
+        # VMs whose hard limit promoted early (the history has not grown back since)
+        self._cut_short: list[str] = []
         try:
             await self._takeover()
         except BaseException:
             with contextlib.suppress(_errors.EbbtideError):
                 await self._lease.release()
             raise
+        self._spill_dir = options.spill_dir if spec.journal.max_spill_bytes else None
+        if self._spill_dir is not None:
+            await asyncio.to_thread(self._clear_spill_dir, self._spill_dir)
+        self._encoder = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, options.encode_threads), thread_name_prefix="ebbtide-encode"
+        )
+        # A buffer seals once it reaches segmentMaxBytes, so it may hold up to one
+        # write more: room for an NBD maximum payload (only the pages used cost memory).
+        self._arenas = _journal.ArenaPool(spec.journal.segment_max_bytes + (32 << 20))
         self._buffers = {
-            vm.name: _journal.JournalBuffer(self._layout, vm.name, [d.name for d in vm.disks])
+            vm.name: _journal.JournalBuffer(
+                self._layout, vm.name, [d.name for d in vm.disks], self._arenas
+            )
             for vm in spec.vms
         }
         self._sizes = {(vm.name, d.name): d.size for vm in spec.vms for d in vm.disks}
@@ -205,6 +265,7 @@ class VpgRuntime:
             for r in self._index.state.records
         )
         self._gc_due = promoted > 0  # finish deletions an interrupted promotion left
+        self._cut_short = self._index.state.promoted_early.get(promoted, [])
         if options.maintenance_seconds is not None:
             self._spawn(self._maintainer(options.maintenance_seconds))
 
@@ -311,18 +372,23 @@ class VpgRuntime:
                 f"(size {size}) or empty"
             )
 
-    async def write(self, vm: str, disk: str, offset: int, data: bytes) -> int:
-        """Journal a write; returns its LSN. Waits while unshipped data is at its bound."""
+    async def write(self, vm: str, disk: str, offset: int, data: _journal.Data) -> int:
+        """Journal a write; returns its LSN. Waits while unshipped data is at its bound.
+
+        ``data`` is copied before this returns (and not before: the caller
+        keeps it intact until then, and may reuse it afterwards).
+        """
+        size = memoryview(data).nbytes
         self._check_open()
-        self._check_range(vm, disk, offset, len(data))
-        data = bytes(data)
-        await self._reserve(len(data))
+        self._check_range(vm, disk, offset, size)
+        await self._reserve(size)
         self._check_open()
         lsn = self._take_lsn()
         buffer = self._buffers[vm]
-        buffer.append(lsn, _format.OP_WRITE, disk, offset, len(data), data)
+        buffer.append(lsn, _format.OP_WRITE, disk, offset, size, data)
         if buffer.payload_bytes >= self.spec.journal.segment_max_bytes:
             self._seal(buffer)
+            await asyncio.sleep(0)  # let the encoder and the uploads start
         return lsn
 
     async def trim(self, vm: str, disk: str, offset: int, length: int) -> int:
@@ -347,29 +413,172 @@ class VpgRuntime:
 
     async def _reserve(self, nbytes: int) -> None:
         limit = self.spec.journal.max_unshipped_bytes
-        if self._unshipped + nbytes <= limit or self._unshipped == 0:
-            self._unshipped += nbytes
-            return
-        # At the bound: ship what is buffered so the space can come back.
-        for buffer in self._buffers.values():
-            self._seal(buffer)
-        async with self._space:
-            await self._space.wait_for(
-                lambda: (
-                    self._unshipped + nbytes <= limit
-                    or self._unshipped == 0
-                    or self._lease.lost is not None
-                    or self._closed
-                )
-            )
+        if self._memory + nbytes > limit and self._memory > self._pinned():
+            # At the bound: seal what is buffered, so that it can spill or ship.
+            for buffer in self._buffers.values():
+                self._seal(buffer)
+            self._maybe_spill()
+            self._writes_waiting += 1
+            try:
+                async with self._space:
+                    await self._space.wait_for(
+                        lambda: (
+                            self._memory + nbytes <= limit
+                            or self._memory <= self._pinned()
+                            or self._lease.lost is not None
+                            or self._closed
+                        )
+                    )
+            finally:
+                self._writes_waiting -= 1
+        self._memory += nbytes
         self._unshipped += nbytes
 
-    def _seal(self, buffer: _journal.JournalBuffer) -> None:
+    def _pinned(self) -> int:
+        """Memory a waiting writer may not count on getting back before the bucket answers.
+
+        Without a spill: none (a write larger than the bound goes through when
+        nothing else is held). With one: the uploads in flight, which cannot
+        spill; once all else has spilled, one write may go past the bound.
+        """
+        if not self._spill_on():
+            return 0
+        return sum(upload.memory for upload in self._uploads if upload.uploading)
+
+    def _spill_on(self) -> bool:
+        return self._spill_dir is not None and time.monotonic() >= self._spill_retry_at
+
+    def _seal(self, buffer: _journal.JournalBuffer) -> bool:
+        """Seal a buffer that holds changes and start encoding it; True if it did."""
         segment = buffer.seal(vpg=self._layout.vpg, epoch=self._lease.epoch)
-        if segment is not None:
-            upload = _Upload(segment, asyncio.get_running_loop().create_future())
-            self._uploads.append(upload)
-            self._queue.put_nowait(upload)
+        if segment is None:
+            return False
+        loop = asyncio.get_running_loop()
+        upload = _Upload(
+            segment, loop.create_future(), loop.create_future(), memory=segment.payload_bytes
+        )
+        self._uploads.append(upload)
+        self._queue.put_nowait(upload)  # uploads start in seal order
+        encoding = loop.run_in_executor(self._encoder, segment.encode, self._layout)
+        encoding.add_done_callback(functools.partial(self._encoded, upload))
+        return True
+
+    def _encoded(self, upload: _Upload, encoding: asyncio.Future[tuple[str, bytes]]) -> None:
+        if encoding.cancelled():
+            return
+        exc = encoding.exception()
+        if exc is not None:  # a bug: encoding takes validated rows
+            logger.error("VPG %s: encoding a segment failed", self._layout.vpg, exc_info=exc)
+            self._last_error = f"encoding a segment failed: {exc!r}"
+            upload.ready.set_exception(exc)
+            return
+        upload.key, upload.body = encoding.result()
+        upload.size = len(upload.body)
+        upload.segment.release(self._arenas)  # the write data: only the encoding is kept
+        # Charged at least its payload: without a spill, unshipped data stays within the bound.
+        held = max(upload.size, upload.segment.payload_bytes)
+        self._memory += held - upload.memory
+        upload.memory = held
+        upload.ready.set_result(None)
+        self._maybe_spill()
+        self._wake_writers()
+
+    # --- spilling -----------------------------------------------------------
+
+    def _clear_spill_dir(self, directory: pathlib.Path) -> None:
+        """Create the spill directory; delete what an ended writer epoch left (blocking)."""
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            stale = [p for p in directory.iterdir() if p.suffix in (".arrow", ".tmp")]
+            total = 0
+            for path in stale:
+                total += path.stat().st_size
+                path.unlink()
+        except OSError as exc:
+            self._spill_failed(f"cannot use the spill directory {directory}: {exc}")
+            return
+        if stale:
+            logger.warning(
+                "VPG %s: deleted %d spill files (%d bytes) of an earlier writer: they were never "
+                "durable, so they are not uploaded (the endpoint's dirty map resends those writes)",
+                self._layout.vpg,
+                len(stale),
+                total,
+            )
+
+    def _spill_failed(self, message: str) -> None:
+        self._spill_error = f"{message}; writes wait for the bucket instead (retried in 30 s)"
+        self._last_error = self._spill_error
+        self._spill_retry_at = time.monotonic() + 30.0
+        logger.warning("VPG %s: %s", self._layout.vpg, self._spill_error)
+
+    def _maybe_spill(self) -> None:
+        """Spill the youngest encoded segments while memory is near its bound."""
+        if not self._spill_on() or not self._tasks:  # (no tasks: closed or aborted)
+            return
+        journal = self.spec.journal
+        threshold = max(
+            journal.max_unshipped_bytes - 2 * journal.segment_max_bytes,
+            journal.max_unshipped_bytes // 2,
+        )
+        excess = self._memory - self._spilling - threshold
+        for upload in reversed(self._uploads):
+            if excess <= 0:
+                return
+            if upload.body is None or upload.uploading or upload.spilling is not None:
+                continue
+            if self._spilled + self._spilling + upload.size > journal.max_spill_bytes:
+                return  # the spill is full: writers wait for the bucket
+            excess -= upload.size
+            self._spilling += upload.size
+            upload.spilling = asyncio.get_running_loop().create_task(self._spill(upload))
+            self._side_tasks.add(upload.spilling)
+            upload.spilling.add_done_callback(self._side_tasks.discard)
+
+    async def _spill(self, upload: _Upload) -> None:
+        assert self._spill_dir is not None
+        assert upload.body is not None
+        path = self._spill_dir / upload.key.rpartition("/")[2]
+        try:
+            await asyncio.to_thread(_write_spill, path, upload.body)
+        except OSError as exc:
+            await asyncio.to_thread(_unlink_quietly, path)  # no partial file stays
+            self._spill_failed(f"spilling to {path} failed: {exc}")
+            return
+        finally:
+            self._spilling -= upload.size
+            upload.spilling = None
+        upload.spill = path
+        self._spilled += upload.size
+        self._spill_error = None
+        if not upload.uploading:  # else a worker waits to upload it from memory
+            upload.body = None
+            self._memory -= upload.memory
+            upload.memory = 0
+            self._wake_writers()
+
+    async def _upload_body(self, upload: _Upload) -> bytes:
+        """The encoded segment, from memory or read back from its spill file."""
+        upload.uploading = True
+        await asyncio.wait([upload.ready])  # (a cancelled worker must not cancel it)
+        upload.ready.result()
+        if upload.spilling is not None:
+            await asyncio.wait([upload.spilling])
+        if upload.body is not None:
+            return upload.body
+        assert upload.spill is not None
+        path = upload.spill
+        try:
+            body = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise _SpillLost(f"its spill file is unreadable ({exc})") from exc
+        name = self._layout.parse_segment(upload.key)
+        if name.epoch != self._lease.epoch or _format.object_crc32c(body) != name.crc32c:
+            raise _SpillLost(f"its spill file {path} does not hold it (damaged or replaced)")
+        held = max(len(body), upload.segment.payload_bytes)
+        self._memory += held
+        upload.memory = held
+        return body
 
     # --- checkpoints --------------------------------------------------------
 
@@ -486,7 +695,24 @@ class VpgRuntime:
         while True:
             upload = await self._queue.get()
             segment = upload.segment
-            key, body = await asyncio.to_thread(segment.encode, self._layout)
+            try:
+                # One at a time, in queue order: uploads start in the order of sealing
+                # even when a body has to be read back from its spill file first.
+                async with self._in_order:
+                    body = await self._upload_body(upload)
+            except Exception as exc:  # _SpillLost, or a failed encoding (a bug)
+                # Acknowledged writes that can no longer reach the bucket: stop, so that
+                # nothing after them commits; a restart resends them (dirty map).
+                error = _errors.FencedError(
+                    f"VPG {self._layout.vpg!r}: segment {upload.key!r} was lost before its "
+                    f"upload: {exc}. This writer stops; restart it (the endpoint resends the "
+                    "writes its dirty map names)."
+                )
+                self._lease.fence(error)
+                upload.done.set_exception(error)
+                self._wake_writers()
+                return
+            key = upload.key
             delay = self._options.retry_initial_seconds
             while True:
                 try:
@@ -506,8 +732,16 @@ class VpgRuntime:
             self._shipped += len(body)
             self._journal_bytes[segment.vm] = self._journal_bytes.get(segment.vm, 0) + len(body)
             self._uploads.remove(upload)
+            del body
+            upload.body = None
+            self._memory -= upload.memory
+            upload.memory = 0
+            if upload.spill is not None:
+                self._spilled -= upload.size
+                _unlink_quietly(upload.spill)
             upload.done.set_result(None)
             self._unshipped -= segment.payload_bytes
+            self._maybe_spill()
             self._wake_writers()
 
     def _wake_writers(self) -> None:
@@ -552,10 +786,14 @@ class VpgRuntime:
             now_ns = int(self._clock() * 1e9)
             if self._gc_due:
                 promoted = self._lease.manifest.promoted_lsn
-                await _promotion.collect_garbage(self._store, self._layout, promoted)
-                self._gc_due = False
+                collected = await _promotion.collect_garbage(
+                    self._store, self._layout, promoted, lease=self._lease
+                )
+                self._gc_due = bool(collected.deferred_by)
             sizes = await self._segment_sizes()
             target, early = self._promotion_target(now_ns, sizes)
+            if target <= self._lease.manifest.promoted_lsn:
+                early = []
             promotion = _promotion.Promotion(promoted_lsn=self._lease.manifest.promoted_lsn)
             if target > promotion.promoted_lsn:
                 promotion = await _promotion.promote(
@@ -565,10 +803,12 @@ class VpgRuntime:
                     self._lease,
                     target,
                     time_ns=now_ns,
+                    early_for=early,
                     chunk_size=self._options.mirror_chunk_size,
                     memory_bytes=self._options.promotion_memory_bytes,
                 )
                 self._rewrite_due = True
+                self._gc_due = promotion.deletion_deferred
                 self._cut_short = early
                 sizes = await self._segment_sizes()
             self._journal_bytes = {vm: sum(size for _, size in s) for vm, s in sizes.items()}
@@ -584,7 +824,7 @@ class VpgRuntime:
                 diluted=len(drop),
                 promoted_lsn=below,
                 promotion=promotion,
-                promoted_early=early and promotion.segments_applied > 0,
+                promoted_early=bool(early) and promotion.segments_applied > 0,
             )
 
     async def _segment_sizes(self) -> dict[str, list[tuple[int, int]]]:
@@ -597,36 +837,50 @@ class VpgRuntime:
 
     def _promotion_target(
         self, now_ns: int, sizes: dict[str, list[tuple[int, int]]]
-    ) -> tuple[int, bool]:
-        """The checkpoint to promote to, and whether a hard limit moved it forward.
+    ) -> tuple[int, list[str]]:
+        """The checkpoint to promote to, and the VMs whose hard limit moved it forward.
 
         The oldest checkpoint inside the history window; and where a VM's
         journal is at its hard limit, the oldest checkpoint above which the
         journal fits under the warning threshold (or 90 % of the limit).
+        O(VMs x (segments log segments + log checkpoints x log segments)):
+        the journal above a checkpoint only shrinks as the checkpoint gets
+        newer, so both searches are bisections.
         """
-        checkpoints = self._index.state.checkpoints
-        if not checkpoints:
-            return 0, False
+        ids, times, _kinds = self._index.state.checkpoint_columns()
+        if not ids:
+            return 0, []
         window_start = now_ns - int(self.spec.journal_history * 1e9)
-        inside = [c for c in checkpoints if c.time_ns >= window_start]
-        target = inside[0].id if inside else checkpoints[-1].id
-        early = False
-        for vm, segments in sizes.items():
+        if self._index.state.times_sorted:
+            first_inside = bisect.bisect_left(times, window_start)
+        else:
+            first_inside = next((i for i, t in enumerate(times) if t >= window_start), len(ids))
+        target_at = min(first_inside, len(ids) - 1)
+        early: list[str] = []
+        for vm, segments in sorted(sizes.items()):
             if vm not in self._buffers:
                 continue
             hard, warning = self.spec.journal_limits(vm)
-            total = sum(size for _, size in segments)
-            if hard is None or total < hard:
+            ordered = sorted(segments)
+            total = sum(size for _, size in ordered)
+            if hard is None or total < hard or target_at == len(ids) - 1:
                 continue
             goal = warning if warning is not None else hard * 9 // 10
-            for checkpoint in checkpoints:
-                if checkpoint.id <= target:
-                    continue
-                above = sum(size for last, size in segments if last > checkpoint.id)
-                target, early = checkpoint.id, True
-                if above <= goal:
-                    break
-        return target, early
+            lasts = [last for last, _ in ordered]
+            above = list(itertools.accumulate((size for _, size in reversed(ordered)), initial=0))
+            above.reverse()  # above[i]: bytes of the segments from the i-th on
+
+            # The first checkpoint after the target that fits, else the newest one.
+            lo, hi = target_at + 1, len(ids) - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if above[bisect.bisect_right(lasts, ids[mid])] <= goal:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            target_at = lo
+            early.append(vm)
+        return ids[target_at], early
 
     async def _renewer(self) -> None:
         delay = self._options.lease_seconds / 3
@@ -659,7 +913,8 @@ class VpgRuntime:
             journal_bytes=self._journal_bytes,
             protected_since=None if since is None else since / 1e9,
             syncing=self._syncing,
-            cut_short=self._cut_short,
+            cut_short=bool(self._cut_short),
+            cut_short_vms=self._cut_short,
         )
 
     def status(self) -> RuntimeStatus:
@@ -674,6 +929,10 @@ class VpgRuntime:
             last_checkpoint=last,
             rpo_seconds=None if last is None else max(0.0, self._clock() - last.time_ns / 1e9),
             unshipped_bytes=self._unshipped,
+            memory_bytes=self._memory,
+            spilled_bytes=self._spilled,
+            spill_error=self._spill_error,
+            writes_waiting=self._writes_waiting,
             shipped_bytes=self._shipped,
             journal_bytes=dict(self._journal_bytes),
             pending_uploads=len(self._uploads),
@@ -719,10 +978,11 @@ class VpgRuntime:
         await self._cancel_tasks()
 
     async def _cancel_tasks(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._side_tasks]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._side_tasks, return_exceptions=True)
         self._tasks.clear()
+        self._encoder.shutdown(wait=False, cancel_futures=True)
         for item in self._commits:
             if not item.future.done():
                 item.future.set_exception(
@@ -737,6 +997,21 @@ class VpgRuntime:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class _SpillLost(Exception):
+    """A spilled segment cannot be read back as it was written."""
+
+
+def _write_spill(path: pathlib.Path, body: bytes) -> None:
+    """Write a spill file (no fsync: see the module docstring)."""
+    with path.open("xb") as file:
+        file.write(body)
+
+
+def _unlink_quietly(path: pathlib.Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _json(**fields: object) -> str:

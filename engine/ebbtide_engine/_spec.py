@@ -128,6 +128,9 @@ class JournalSpec(_Model):
 
     segment_max_bytes: Annotated[Bytes, pydantic.Field(ge=64 << 10, le=1 << 30)] = 16 << 20
     max_unshipped_bytes: Annotated[Bytes, pydantic.Field(ge=1 << 20)] = 256 << 20
+    #: past max_unshipped_bytes in memory, encoded segments spill to local disk up to this
+    #: (the endpoint's state directory); 0: no spill, writers wait at the memory bound
+    max_spill_bytes: Annotated[Bytes, pydantic.Field(ge=0, le=1 << 50)] = 4 << 30
     upload_concurrency: Annotated[int, pydantic.Field(ge=1, le=64)] = 8
     #: per VM: bytes, a quantity, a percentage of the VM's disks ("50%") or "Unlimited"
     hard_limit: str | int = "Unlimited"

@@ -1,4 +1,7 @@
-"""A stalled bucket slows NBD writers down; it never makes the endpoint buffer without bound."""
+"""A stalled bucket slows NBD writers down; it never makes the endpoint buffer without bound.
+
+Without a spill; with one, see test_spill.py.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import pathlib
 
 import numpy as np
 
+from ebbtide_engine._endpoint import Endpoint
 from tests.engine.conftest import FaultyStore
 
 from ._support import EndpointEnv, MiB, assert_same, eventually, mirror_disk, run, vpg_spec
@@ -21,7 +25,8 @@ async def test_a_stalled_bucket_slows_writers_and_rpo_grows(
     spec = vpg_spec(
         "pressure",
         {"vm": [mirror_disk("root", SIZE)]},
-        journal={"segmentMaxBytes": "256Ki", "maxUnshippedBytes": BOUND},
+        # No spill (test_spill.py has it): the writers wait at the memory bound.
+        journal={"segmentMaxBytes": "256Ki", "maxUnshippedBytes": BOUND, "maxSpillBytes": 0},
     )
     store = FaultyStore(env.store)
     endpoint = await env.open(spec, store=store)
@@ -30,6 +35,16 @@ async def test_a_stalled_bucket_slows_writers_and_rpo_grows(
     image.write_bytes(np.random.default_rng(2).bytes(SIZE))
 
     store.gate.clear()  # the bucket stops answering uploads
+    try:
+        await _stalled(endpoint, image, store)
+    finally:
+        store.gate.set()  # (also when the test fails: closing ships everything)
+    checkpoint = await endpoint.runtime.checkpoint()
+    recovered = await env.recover("pressure", checkpoint.id)
+    assert_same(recovered[("vm", "root")], image.read_bytes(), "recovered after the stall")
+
+
+async def _stalled(endpoint: Endpoint, image: pathlib.Path, store: FaultyStore) -> None:
     url = endpoint.url("vm", "root")
     copy = asyncio.create_task(
         run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), url, within=60)
@@ -54,6 +69,3 @@ async def test_a_stalled_bucket_slows_writers_and_rpo_grows(
 
     store.gate.set()
     await copy
-    checkpoint = await endpoint.runtime.checkpoint()
-    recovered = await env.recover("pressure", checkpoint.id)
-    assert_same(recovered[("vm", "root")], image.read_bytes(), "recovered after the stall")

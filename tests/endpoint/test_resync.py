@@ -124,14 +124,30 @@ async def test_client_writes_during_a_resync_are_kept(
     spec = vpg_spec(
         "online",
         {"vm": [proxy_disk("root", SIZE, source)]},
-        journal={"segmentMaxBytes": "512Ki", "maxUnshippedBytes": "2Mi"},
+        # No spill: the resync step must stall at the memory bound.
+        journal={"segmentMaxBytes": "512Ki", "maxUnshippedBytes": "2Mi", "maxSpillBytes": 0},
     )
     store = FaultyStore(env.store)
     endpoint = await env.open(spec, store=store)
     # The initial sync of 16 MiB stalls at the 2 MiB bound while the bucket is stalled.
     store.gate.clear()
+    try:
+        await _writes_queue_behind_a_stalled_resync(endpoint, store)
+    finally:
+        store.gate.set()  # (also when the test fails: closing ships everything)
+    await endpoint.resynced()
+    image = source.read_bytes()
+    assert image[12 * MiB] == 0xC1
+    await _latest_equals_source(env, endpoint, source)
+
+
+async def _writes_queue_behind_a_stalled_resync(
+    endpoint: _endpoint.Endpoint, store: FaultyStore
+) -> None:
     await eventually(
-        lambda: 0 < _disk(endpoint).done_bytes < SIZE and endpoint.status().unshipped_bytes >= MiB,
+        lambda: (
+            0 < _disk(endpoint).done_bytes < SIZE and endpoint.status().runtime.writes_waiting > 0
+        ),
         "the initial sync to stall on the stalled bucket",
     )
     stalled_at = _disk(endpoint).done_bytes
@@ -145,10 +161,6 @@ async def test_client_writes_during_a_resync_are_kept(
     assert _disk(endpoint).done_bytes == stalled_at
     store.gate.set()
     await writer
-    await endpoint.resynced()
-    image = source.read_bytes()
-    assert image[12 * MiB] == 0xC1
-    await _latest_equals_source(env, endpoint, source)
 
 
 async def test_a_fenced_endpoint_refuses_writes_and_keeps_their_regions_dirty(

@@ -133,8 +133,9 @@ class RecordingBackend:
         self._record(Call("read", offset, length))
         return await self.inner.read(offset, length)
 
-    async def write(self, offset: int, data: bytes, *, fua: bool) -> None:
-        self._record(Call("write", offset, len(data), data, fua))
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
+        # ``data`` is the connection's buffer, reused after this call: keep a copy.
+        self._record(Call("write", offset, len(data), bytes(data), fua))
         if self.gate is not None:
             await self.gate.wait()
         await self.inner.write(offset, data, fua=fua)

@@ -8,8 +8,9 @@ Both modes share one write path; they differ in what the local file is:
   answered with what the hypervisor wrote.
 
 Every write, TRIM and WRITE_ZEROES goes: dirty-map bit set and durable
-(write-ahead) -> local file -> journal (``VpgRuntime``, which assigns the
-LSN) -> NBD reply. The local file and the journal are updated under one
+(write-ahead) -> local file and journal (``VpgRuntime``, which assigns the
+LSN) at the same time: the file in a worker thread, the journal's copy on
+the loop -> NBD reply once both are done. The local file and the journal are updated under one
 per-disk lock, so they see changes in the same order even when several
 connections write to one export (the server does not advertise multi-conn,
 but nothing stops two clients). The reply leaves only after the journal
@@ -146,7 +147,9 @@ class ProtectedDisk:
     async def read(self, offset: int, length: int) -> bytes:
         return await self.local.read(offset, length)
 
-    async def write(self, offset: int, data: bytes, *, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
+        # ``data`` may be the NBD receive buffer: the file's pwrite and the journal's
+        # arena copy it before this returns, and nothing keeps a reference.
         await self._journaled(
             offset,
             len(data),
@@ -193,11 +196,23 @@ class ProtectedDisk:
         marked = await self.dirty.mark(offset, length)
         try:
             async with self._order:
-                await apply()
-                lsn = await journal()
+                # The local change (a worker thread) and the journal append (the
+                # arena copy, on the loop) run at the same time; both finish
+                # before the next change to this disk starts, and before the reply.
+                applying = asyncio.ensure_future(apply())
+                try:
+                    lsn = await journal()
+                except BaseException:
+                    # Wait anyway: the thread may still be reading ``data``. The
+                    # journal's error is the one reported.
+                    await asyncio.wait((applying,))
+                    if not applying.cancelled():
+                        applying.exception()
+                    raise
+                await applying
         except BaseException as exc:
-            # The local file may hold the change while the journal does not: the
-            # region stays dirty, and a restart journals it again.
+            # One of the two may hold the change while the other does not: the
+            # region stays dirty, and a resync journals the source's bytes again.
             self.dirty.failed(marked)
             self.failures += 1
             if isinstance(exc, _errors.EbbtideError) and not isinstance(exc, _nbd.NbdError):

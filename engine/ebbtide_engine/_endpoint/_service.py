@@ -13,6 +13,9 @@ What it keeps in the state directory, per VPG (``<state-dir>/<vpg>/``):
 - ``.lock``: held (flock) while an endpoint runs, so two never share the maps;
 - ``<vm>/<disk>.dirty``: the dirty-region map (format: ``_dirtymap``);
 - ``<vm>/<disk>.replica``: a mirror-target disk's sparse local copy.
+- ``spill/``: the runtime's spill files (encoded segments waiting for an
+  upload past the memory bound; ``RuntimeOptions.spill_dir``), deleted at
+  the next start if the endpoint died (the dirty map resends their writes).
 """
 
 from __future__ import annotations
@@ -82,11 +85,23 @@ class EndpointStatus:
     state: str  # the runtime's: "protecting", "fenced" or "closed"
     rpo_seconds: float | None  # now minus the last durable checkpoint's time
     target_rpo_seconds: float
-    unshipped_bytes: int  # accepted writes not yet in the bucket
-    max_unshipped_bytes: int  # where writes start to wait (backpressure)
+    unshipped_bytes: int  # accepted writes not yet in the bucket (in memory or spilled)
+    max_unshipped_bytes: int  # the bound on unshipped data in memory
     connections: int
     disks: list[DiskStatus]
     runtime: _runtime.RuntimeStatus
+    memory_bytes: int = 0  # unshipped data held in memory
+    spilled_bytes: int = 0  # encoded segments waiting in the spill directory
+    max_spill_bytes: int = 0  # the spill's bound (0: no spill); past both bounds writes wait
+    spill_error: str | None = None  # why spilling is off or failed lately
+
+    @property
+    def writes_wait(self) -> bool:
+        """Whether writers are (about to be) held back: memory full and no spill room."""
+        return self.memory_bytes >= self.max_unshipped_bytes and (
+            self.spill_error is not None
+            or self.spilled_bytes >= self.max_spill_bytes - self.max_unshipped_bytes // 4
+        )
 
     @property
     def synced(self) -> bool:
@@ -117,9 +132,12 @@ class Endpoint:
         """
         self = object.__new__(cls)
         self._prepare(spec, state_dir, options or EndpointOptions(), owns_runtime=True)
-        await self._open_sources_then(
-            lambda: _runtime.VpgRuntime.open(spec, store, options=runtime_options)
-        )
+        runtime_options = runtime_options or _runtime.RuntimeOptions()
+        if runtime_options.spill_dir is None:
+            # Guarded by the state directory's lock, like the maps.
+            runtime_options = dataclasses.replace(runtime_options, spill_dir=self._dir / "spill")
+        given = runtime_options
+        await self._open_sources_then(lambda: _runtime.VpgRuntime.open(spec, store, options=given))
         return self
 
     @classmethod
@@ -421,6 +439,10 @@ class Endpoint:
             connections=self._server.connection_count if self._server is not None else 0,
             disks=disks,
             runtime=runtime,
+            memory_bytes=runtime.memory_bytes,
+            spilled_bytes=runtime.spilled_bytes,
+            max_spill_bytes=self.spec.journal.max_spill_bytes,
+            spill_error=runtime.spill_error,
         )
 
     # --- lifecycle --------------------------------------------------------------------

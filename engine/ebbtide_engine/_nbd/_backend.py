@@ -11,13 +11,19 @@ What the server guarantees to a backend:
 - Every call has already been validated: ``offset + length <= size``, lengths
   within the advertised limits, and never a write call on a read-only export.
 - Calls from one client connection arrive strictly in the order the client
-  sent the requests, one at a time; the reply is sent only after the call
-  returns. Calls from different connections may interleave.
+  sent the requests, one at a time (the server receives the next requests
+  meanwhile, but does not call the backend for them before this call
+  returned); the reply is sent only after the call returns. Calls from
+  different connections may interleave.
 - A request whose payload did not arrive completely never reaches the
   backend, and a backend call is never cancelled half-way by the server
   (shutdown and export removal wait for the call in progress).
 - ``disconnected()`` is called once for every connection that selected the
   export, when that connection ends for any reason.
+- A write's ``data`` is usually a ``memoryview`` of a buffer the connection
+  received the payload into (small payloads may come as ``bytes``): valid
+  until the call returns, reused for a later request afterwards. A backend
+  that keeps the bytes beyond the call copies them (``bytes(data)``).
 
 What a backend promises:
 
@@ -56,8 +62,11 @@ class ExportBackend(Protocol):
         """Return exactly ``length`` bytes from ``offset``."""
         ...
 
-    async def write(self, offset: int, data: bytes, *, fua: bool) -> None:
-        """Write ``data`` at ``offset``; durable before returning if ``fua``."""
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
+        """Write ``data`` at ``offset``; durable before returning if ``fua``.
+
+        ``data`` is valid only until this returns (see the module docstring).
+        """
         ...
 
     async def flush(self) -> None:

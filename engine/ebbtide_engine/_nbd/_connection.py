@@ -7,11 +7,16 @@ damage stays inside its own ``Connection``: protocol violations end that
 connection, backend errors become NBD error replies, and nothing propagates
 to the server or to other clients.
 
-Requests are handled strictly one at a time, in arrival order: read the
-header, read the whole payload, validate, call the backend, send the reply,
-then read the next header. Pipelined requests simply wait in the socket
-buffer. The journal behind the backend relies on this order, which is also
-why the server never advertises NBD_FLAG_CAN_MULTI_CONN.
+Requests are received ahead and executed in order: a reader task receives
+each request whole (header, then payload into a pooled buffer of its own),
+validates it and queues it; a worker task takes the queue in arrival order,
+calls the backend for one request at a time and sends the reply. Receiving
+request N+1 thus overlaps the backend call of request N, while the backend
+still sees the calls one at a time, in the order sent, which the journal
+behind it relies on (and why the server never advertises
+NBD_FLAG_CAN_MULTI_CONN). A window of ``_MAX_IN_FLIGHT`` requests or
+``_MAX_QUEUED_BYTES`` of payload bounds what is received but not answered;
+past it the reader waits and the client is slowed through TCP.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ _CLOSE_TIMEOUT = 5.0
 # Plain ints: ``~`` on an IntFlag only inverts within the known members.
 _SUPPORTED_CLIENT_FLAGS = int(_protocol.ClientFlag.FIXED_NEWSTYLE | _protocol.ClientFlag.NO_ZEROES)
 _WRITING_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+#: Pipelining: requests received ahead of the one being executed, at most this
+#: many (qemu-img keeps up to 16 in flight, nbdcopy 64) and this many payload bytes.
+_MAX_IN_FLIGHT = 16
+_MAX_QUEUED_BYTES = 32 * 1024 * 1024
+#: WRITE payloads above this are received into a pooled buffer; smaller ones
+#: are copied out of the receive buffer.
+_POOLED = 64 * 1024
+_NO_PAYLOAD = memoryview(b"")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,6 +97,11 @@ class Connection:
         self._stopping = False
         self._in_backend = False
         self._finishing = False
+        #: Transmission requests received so far (the worker may not have run them yet).
+        self.received = 0
+        # The transmission phase's two tasks (see _transmission).
+        self._reader: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
 
     @property
     def export_name(self) -> str | None:
@@ -101,8 +119,9 @@ class Connection:
                 return
             selected = await self._handshake_in_time()
             logger.debug("NBD %s: serving export %r", self.peer, selected.name)
-            await self._transmission(selected)
-            clean = True
+            clean = await self._transmission(selected)
+            if not clean:
+                logger.debug("NBD %s: connection stopped by the server", self.peer)
         except _Abort:
             logger.debug("NBD %s: client aborted the handshake", self.peer)
             clean = True
@@ -130,7 +149,15 @@ class Connection:
     def stop(self) -> None:
         """End the connection soon, but never in the middle of a backend call."""
         self._stopping = True
-        if self._task is not None and not (self._in_backend or self._finishing):
+        if self._finishing:
+            return
+        if self._reader is not None and self._worker is not None:
+            # Transmission: stop reading now; the worker ends after the call in
+            # progress (it checks _stopping before taking the next request).
+            self._reader.cancel()
+            if not self._in_backend:
+                self._worker.cancel()
+        elif self._task is not None and not self._in_backend:
             self._task.cancel()
 
     async def _handshake_in_time(self) -> _Selected:
@@ -328,8 +355,54 @@ class Connection:
 
     # --- transmission ------------------------------------------------------------------
 
-    async def _transmission(self, selected: _Selected) -> None:
-        while not self._stopping:
+    async def _transmission(self, selected: _Selected) -> bool:
+        """Serve requests: a reader task receives, a worker task executes, in order.
+
+        Returns when the client is done (NBD_CMD_DISC or end of stream between
+        requests: True) or when ``stop()`` ended it (False); raises what ended
+        it otherwise.
+        """
+        queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        window = _Window(_MAX_IN_FLIGHT, _MAX_QUEUED_BYTES)
+        buffers = _Buffers(_MAX_IN_FLIGHT, _MAX_QUEUED_BYTES)
+        reader = asyncio.create_task(self._receive(selected, queue, window, buffers))
+        worker = asyncio.create_task(self._work(selected, queue, window, buffers))
+        self._reader, self._worker = reader, worker
+        try:
+            await asyncio.wait((reader, worker), return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                # The worker ended first: the connection broke under a reply, a bug,
+                # or stop(). Nothing more is read.
+                reader.cancel()
+                await asyncio.wait((reader,))
+            # Whatever the reader queued was received whole: the worker serves it
+            # (unless stopping), then ends at the marker.
+            queue.put_nowait(None)
+            await asyncio.wait((worker,))
+        except asyncio.CancelledError:
+            # Forced by the server after its stop timeout: give up on the backend call.
+            reader.cancel()
+            worker.cancel()
+            await asyncio.wait((reader, worker))
+            raise
+        finally:
+            self._reader = self._worker = None
+        # The worker's failure first: it may be why the reader was cancelled.
+        for task in (worker, reader):
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
+        return not self._stopping
+
+    async def _receive(
+        self,
+        selected: _Selected,
+        queue: asyncio.Queue[_Pending | None],
+        window: _Window,
+        buffers: _Buffers,
+    ) -> None:
+        """Read requests (header and whole payload) and queue them for the worker."""
+        max_payload = self._settings.max_payload
+        while True:
             try:
                 header = await self._channel.read_exactly(_protocol.REQUEST.size)
             except asyncio.IncompleteReadError as exc:
@@ -343,29 +416,56 @@ class Connection:
             if request.type == Command.DISC:
                 logger.debug("NBD %s: client disconnected (NBD_CMD_DISC)", self.peer)
                 return
-            await self._request(selected, request)
-            await self._channel.drain()
-
-    async def _request(self, selected: _Selected, request: _protocol.Request) -> None:
-        payload = b""
-        if request.type == Command.WRITE:
-            if request.length > self._settings.max_payload:
+            payload = _NO_PAYLOAD
+            buffer: bytearray | None = None
+            problem: tuple[Errno, str] | None = None
+            writing = request.type == Command.WRITE
+            if writing and request.length > max_payload:
                 # Read and drop the payload in pieces: the stream stays in step and
                 # the client gets a clean EINVAL instead of a hang-up.
                 await self._discard(request.length)
-                self._reply_error(
-                    request,
+                problem = (
                     Errno.EINVAL,
-                    f"write of {request.length} bytes exceeds the maximum "
-                    f"{self._settings.max_payload}",
+                    f"write of {request.length} bytes exceeds the maximum {max_payload}",
                 )
+                writing = False
+            nbytes = request.length if writing else 0
+            # Backpressure: wait for room before receiving the payload, so at most
+            # the window's worth of requests is held here.
+            await window.enter(nbytes)
+            if nbytes > _POOLED:
+                buffer = buffers.take(nbytes)
+                payload = memoryview(buffer)[:nbytes]
+                await self._channel.read_into(payload)
+            elif nbytes:
+                payload = memoryview(await self._channel.read_exactly(nbytes))
+            if problem is None:
+                problem = self._validate(selected, request)
+            queue.put_nowait(_Pending(request, payload, buffer, nbytes, problem))
+            self.received += 1
+
+    async def _work(
+        self,
+        selected: _Selected,
+        queue: asyncio.Queue[_Pending | None],
+        window: _Window,
+        buffers: _Buffers,
+    ) -> None:
+        """Execute queued requests strictly in arrival order, one at a time, and reply."""
+        while True:
+            pending = await queue.get()
+            if pending is None or self._stopping:
                 return
-            payload = await self._channel.read_exactly(request.length)
-        problem = self._validate(selected, request)
-        if problem is not None:
-            self._reply_error(request, *problem)
-            return
-        await self._execute(selected, request, payload)
+            try:
+                if pending.problem is not None:
+                    self._reply_error(pending.request, *pending.problem)
+                else:
+                    await self._execute(selected, pending.request, pending.payload)
+            finally:
+                if pending.buffer is not None:
+                    buffers.give(pending.buffer)
+                window.leave(pending.nbytes)
+            await self._channel.drain()
 
     def _validate(
         self, selected: _Selected, request: _protocol.Request
@@ -406,7 +506,7 @@ class Connection:
         return None
 
     async def _execute(
-        self, selected: _Selected, request: _protocol.Request, payload: bytes
+        self, selected: _Selected, request: _protocol.Request, payload: memoryview
     ) -> None:
         backend = selected.backend
         fua = bool(request.flags & CommandFlag.FUA)
@@ -507,6 +607,80 @@ class Connection:
             self._channel.write(_protocol.error_chunk(request.handle, error, message))
         else:
             self._channel.write(_protocol.simple_reply(request.handle, error))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pending:
+    """A request received whole, waiting for the worker."""
+
+    request: _protocol.Request
+    payload: memoryview  # a WRITE's data (empty otherwise)
+    buffer: bytearray | None  # the pooled buffer behind ``payload``, if any
+    nbytes: int  # what it holds of the window's byte budget
+    problem: tuple[Errno, str] | None  # why it is refused, found while receiving
+
+
+class _Window:
+    """Bounds what is received but not answered yet: requests and WRITE payload bytes.
+
+    One request is always let in, however large (up to the advertised maximum
+    payload), so a client is never stuck; only the reader task waits here.
+    """
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes
+        self.requests = 0
+        self.bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def enter(self, nbytes: int) -> None:
+        while self.requests >= self._max_requests or (
+            self.requests and self.bytes + nbytes > self._max_bytes
+        ):
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self.requests += 1
+        self.bytes += nbytes
+
+    def leave(self, nbytes: int) -> None:
+        self.requests -= 1
+        self.bytes -= nbytes
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Buffers:
+    """Reusable payload buffers: a fresh multi-MiB bytearray per request costs page faults.
+
+    At most ``keep`` buffers and ``keep_bytes`` are kept while unused, so a
+    connection holds at most that plus what the window lets in.
+    """
+
+    def __init__(self, keep: int, keep_bytes: int) -> None:
+        self._keep = keep
+        self._keep_bytes = keep_bytes
+        self._free: list[bytearray] = []
+        self._free_bytes = 0
+
+    def take(self, length: int) -> bytearray:
+        for i, buffer in enumerate(self._free):
+            if len(buffer) >= length:
+                self._free_bytes -= len(buffer)
+                return self._free.pop(i)
+        return bytearray(length)
+
+    def give(self, buffer: bytearray) -> None:
+        # Keep the larger ones: they serve any request, and the small drop out.
+        self._free.append(buffer)
+        self._free_bytes += len(buffer)
+        self._free.sort(key=len, reverse=True)
+        while len(self._free) > self._keep or self._free_bytes > self._keep_bytes:
+            self._free_bytes -= len(self._free.pop())
+        self._free.reverse()  # smallest first: take() picks the smallest that fits
 
 
 #: Flags each supported command accepts. FUA is accepted on every command, as the

@@ -109,7 +109,7 @@ class FileBackend:
     async def read(self, offset: int, length: int) -> bytes:
         return await asyncio.to_thread(self._read, offset, length)
 
-    async def write(self, offset: int, data: bytes, *, fua: bool) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
         await asyncio.to_thread(self._write, offset, data, fua)
 
     async def flush(self) -> None:
@@ -157,7 +157,7 @@ class FileBackend:
             done += len(piece)
         return b"".join(parts)
 
-    def _write(self, offset: int, data: bytes, fua: bool) -> None:
+    def _write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, offset)

@@ -6,9 +6,10 @@ bytearray.extend the top of the profile and held a 1 GiB qemu-img convert
 to well under half of qemu-nbd's speed. ``Channel`` is a BufferedProtocol: small
 reads (request headers, option data) come from a fixed buffer, while a large
 read (a WRITE payload) hands the kernel a view of the destination itself, so
-the payload is received straight into place (a per-connection landing
-buffer, as large as the largest payload seen) and copied once into the
-``bytes`` handed to the backend.
+the payload is received straight into place (``read_into``): the connection
+hands a view of a pooled buffer per request, which goes to the backend as
+it is, so the only copies are the ones the backend makes (the local file's
+``pwrite``, the journal's arena).
 
 It also gives what the protocol layer needs and StreamReader hides: how many
 received bytes are still unread (STARTTLS must find none), an in-place TLS
@@ -135,6 +136,19 @@ class Channel(asyncio.BufferedProtocol):
         target = memoryview(self._landing)[:length]
         await self._read_into(target)
         return bytes(target)
+
+    async def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` with the next ``len(view)`` bytes, received in place when large.
+
+        The transmission phase receives each WRITE payload into a buffer of
+        its own this way (requests are received ahead of their execution).
+        """
+        if len(view) <= _SMALL_READ:
+            await self._fill(len(view))
+            view[:] = self._view[self._start : self._start + len(view)]
+            self._consume(len(view))
+            return
+        await self._read_into(view)
 
     async def discard(self, length: int) -> None:
         """Skip the next ``length`` bytes without holding more than a small piece."""
