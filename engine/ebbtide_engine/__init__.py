@@ -10,6 +10,13 @@ The operator and the CLI use only the names exported here::
     await recover_to_files(store, "demo", CheckpointSelector(tag="before-upgrade"), out_dir)
 """
 
+from ebbtide_engine._endpoint import (
+    DiskStatus,
+    Endpoint,
+    EndpointOptions,
+    EndpointStatus,
+    SyncState,
+)
 from ebbtide_engine._errors import (
     AccessDenied,
     BucketNotFound,
@@ -26,6 +33,7 @@ from ebbtide_engine._errors import (
     StorageError,
     StorageUnavailable,
 )
+from ebbtide_engine._holds import Hold, HoldLease, PromotedDuringRead, list_holds, place_hold
 from ebbtide_engine._index import Checkpoint, CheckpointKind
 from ebbtide_engine._lease import Manifest
 from ebbtide_engine._promotion import Promotion
@@ -58,6 +66,11 @@ from ebbtide_engine._spec import (
     parse_duration,
     parse_quantity,
 )
+from ebbtide_engine._testexport import (
+    RecoveryExport,
+    RecoveryExportOptions,
+    RecoveryExportStatus,
+)
 from ebbtide_engine.storage import (
     LocalStore,
     MemoryStore,
@@ -82,8 +95,14 @@ __all__ = [
     "DilutionSpec",
     "DilutionTier",
     "DiskSpec",
+    "DiskStatus",
     "EbbtideError",
+    "Endpoint",
+    "EndpointOptions",
+    "EndpointStatus",
     "FencedError",
+    "Hold",
+    "HoldLease",
     "InvalidRequest",
     "JournalSpec",
     "JournalUsage",
@@ -95,8 +114,12 @@ __all__ = [
     "ObjectNotFound",
     "ObjectStore",
     "PreconditionFailed",
+    "PromotedDuringRead",
     "Promotion",
     "RecoveredDisk",
+    "RecoveryExport",
+    "RecoveryExportOptions",
+    "RecoveryExportStatus",
     "RecoveryResult",
     "RuntimeClosed",
     "RuntimeOptions",
@@ -107,6 +130,7 @@ __all__ = [
     "StorageAccount",
     "StorageError",
     "StorageUnavailable",
+    "SyncState",
     "VmJournal",
     "VmSpec",
     "VoidWrites",
@@ -114,9 +138,11 @@ __all__ = [
     "VpgSpec",
     "evaluate_sla",
     "list_checkpoints",
+    "list_holds",
     "open_store",
     "parse_duration",
     "parse_quantity",
+    "place_hold",
     "read_bucket_status",
     "recover_to_files",
 ]

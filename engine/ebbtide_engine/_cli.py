@@ -9,6 +9,9 @@ Subcommands:
   journal sizes) without taking its lease;
 - ``endpoint``: the replication endpoint of one VPG: its disks as NBD exports,
   every write journaled, until Ctrl-C or SIGTERM (see docs/endpoint.md).
+- ``test-export``: a VPG's disks at a checkpoint as NBD exports for failover
+  tests, served at once, writes to a scratch overlay, until Ctrl-C or SIGTERM
+  (see docs/testexport.md).
 
 ``checkpoints``, ``recover`` and ``status`` only read the storage account, so
 they are safe while a writer (``demo``, ``endpoint``) protects the VPG.
@@ -26,8 +29,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import pathlib
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -135,6 +140,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="recover only this VM (repeat for several; default: all)",
     )
+    recover.add_argument(
+        "--disk-file",
+        action="append",
+        dest="disk_files",
+        type=_disk_file,
+        default=[],
+        metavar="VM/DISK=PATH",
+        help="then move that disk's image to PATH, e.g. onto its own volume (repeat for several)",
+    )
     recover.set_defaults(handler=_run_recover)
 
     status = commands.add_parser(
@@ -187,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
         "or force the takeover at once (after a crash)",
     )
     endpoint.set_defaults(handler=_run_endpoint)
+    _test_export_parser(commands)
     return parser
 
 
@@ -297,8 +312,10 @@ async def _run_recover(args: argparse.Namespace, console: rich.console.Console) 
     table.add_column("disk")
     table.add_column("size", justify="right")
     table.add_column("path")
+    placed = await asyncio.to_thread(_place_disks, result.disks, args.disk_files)
     for disk in result.disks:
-        table.add_row(disk.vm, disk.disk, _demo.format_size(disk.size), str(disk.path))
+        path = placed.get((disk.vm, disk.disk), disk.path)
+        table.add_row(disk.vm, disk.disk, _demo.format_size(disk.size), str(path))
     console.print(table)
     total = sum(disk.size for disk in result.disks)
     rate = result.bytes_read / result.seconds if result.seconds > 0 else 0.0
@@ -309,6 +326,52 @@ async def _run_recover(args: argparse.Namespace, console: rich.console.Console) 
         f"{_demo.format_bytes(int(rate))}/s"
     )
     return EXIT_OK
+
+
+def _disk_file(text: str) -> tuple[str, str, pathlib.Path]:
+    name, sep, path = text.partition("=")
+    vm, slash, disk = name.partition("/")
+    if not (sep and slash and vm and disk and path):
+        raise argparse.ArgumentTypeError(f"{text!r}: say VM/DISK=PATH, e.g. web/root=/v/disk.img")
+    return vm, disk, pathlib.Path(path)
+
+
+def _place_disks(
+    disks: Sequence[ebbtide.RecoveredDisk], moves: Sequence[tuple[str, str, pathlib.Path]]
+) -> dict[tuple[str, str], pathlib.Path]:
+    """Move recovered images to the paths asked for (a copy, keeping holes, across filesystems)."""
+    recovered = {(d.vm, d.disk): d.path for d in disks}
+    placed: dict[tuple[str, str], pathlib.Path] = {}
+    for vm, disk, target in moves:
+        source = recovered.get((vm, disk))
+        if source is None:
+            raise ebbtide.InvalidRequest(
+                f"--disk-file {vm}/{disk}: no such disk was recovered "
+                f"(recovered: {', '.join(f'{v}/{d}' for v, d in sorted(recovered))})"
+            )
+        partial = target.with_name(target.name + ".partial")
+        try:
+            source.replace(target)
+        except OSError:  # another filesystem (a volume): copy, keeping holes, then rename
+            _copy_sparse(source, partial)
+            partial.replace(target)
+            source.unlink()
+        placed[vm, disk] = target
+    return placed
+
+
+def _copy_sparse(source: pathlib.Path, target: pathlib.Path, block: int = 1 << 20) -> None:
+    zero = bytes(block)
+    with source.open("rb") as src, target.open("wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        while chunk := src.read(block):
+            if chunk == zero[: len(chunk)]:
+                dst.seek(len(chunk), os.SEEK_CUR)
+            else:
+                dst.write(chunk)
+        dst.truncate(size)
+        dst.flush()
+        os.fsync(dst.fileno())
 
 
 # --- status ---------------------------------------------------------------------
@@ -545,13 +608,20 @@ def _endpoint_panel(status: _endpoint.EndpointStatus) -> rich.panel.Panel:
                 f"   (target {_demo.format_seconds(status.target_rpo_seconds)})",
             ),
         )
-    waiting = status.unshipped_bytes >= status.max_unshipped_bytes
+    waiting = status.writes_wait
+    spill = (
+        f"   spilled {_demo.format_bytes(status.spilled_bytes)} of "
+        f"{_demo.format_bytes(status.max_spill_bytes)}"
+        if status.max_spill_bytes
+        else "   no spill"
+    )
     grid.add_row(
         "shipping",
         rich.text.Text.assemble(
             (
-                f"unshipped {_demo.format_bytes(status.unshipped_bytes)} of "
-                f"{_demo.format_bytes(status.max_unshipped_bytes)}",
+                f"unshipped {_demo.format_bytes(status.unshipped_bytes)}, in memory "
+                f"{_demo.format_bytes(status.memory_bytes)} of "
+                f"{_demo.format_bytes(status.max_unshipped_bytes)}{spill}",
                 "bold yellow" if waiting else "",
             ),
             " (writes wait)" if waiting else "",
@@ -626,3 +696,86 @@ def _engine_log() -> Iterator[None]:
         yield
     finally:
         logger.removeHandler(handler)
+
+
+# --- test-export --------------------------------------------------------------------
+
+
+def _test_export_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "test-export",
+        help="serve a VPG's disks at a checkpoint over NBD for a failover test",
+        description="Serve the disks of a VPG (all VMs, or those named by --vm) as they were at "
+        "a durable checkpoint, as NBD exports <vpg>/<vm>/<disk>, at once: reads are fetched "
+        "from the storage account on demand, writes go to a scratch overlay under --scratch "
+        "and never to the bucket. Holds the VPG (promotion deletes nothing meanwhile). Ctrl-C "
+        "or SIGTERM stops, deletes the scratch overlay and releases the hold.",
+    )
+    _storage_arguments(parser)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="SELECTOR",
+        help="latest | id:N | N | tag:NAME | before:ISO-TIME (e.g. before:2026-11-22T10:00:00Z)",
+    )
+    parser.add_argument(
+        "--scratch",
+        required=True,
+        type=pathlib.Path,
+        metavar="DIR",
+        help="local directory for the test VMs' writes (a private subdirectory, deleted at exit)",
+    )
+    parser.add_argument(
+        "--vm", action="append", dest="vms", metavar="NAME", help="export only this VM (repeat)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=10810, help="TCP port (default 10810; 0 picks a free one)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    parser.add_argument(
+        "--advertise-host", metavar="NAME", help="host name to put in the URLs (default: --host)"
+    )
+    parser.add_argument(
+        "--cache-mib", type=int, default=256, help="cache of fetched objects, MiB (default 256)"
+    )
+    parser.set_defaults(handler=_run_test_export)
+
+
+async def _run_test_export(args: argparse.Namespace, console: rich.console.Console) -> int:
+    selector = ebbtide.CheckpointSelector.parse(args.checkpoint)
+    options = ebbtide.RecoveryExportOptions(
+        host=args.host,
+        port=args.port,
+        advertise_host=args.advertise_host,
+        cache_bytes=args.cache_mib << 20,
+    )
+    owner = f"cli/{socket.gethostname()}/{os.getpid()}"
+    with _engine_log():
+        async with _open_store(args.storage) as store:
+            with console.status("Holding the VPG and reading its journal..."):
+                export = await ebbtide.RecoveryExport.open(
+                    store, args.vpg, selector, args.scratch, vms=args.vms, options=options,
+                    owner=owner,
+                )  # fmt: skip
+            async with export:
+                checkpoint = export.checkpoint
+                kind = _demo.KIND_NAMES.get(checkpoint.kind, checkpoint.kind.name)
+                console.print(
+                    f"Serving VPG [bold magenta]{args.vpg}[/] at checkpoint {checkpoint.id} "
+                    f"({kind}{f', tag {checkpoint.tag!r}' if checkpoint.tag else ''}) taken "
+                    f"{_demo.format_time(checkpoint.time)}; writes go to "
+                    f"{rich.markup.escape(str(export.scratch_path))}"
+                )
+                for url in sorted(export.urls().values()):
+                    console.print(f"  {url}", soft_wrap=True)
+                console.print("Ctrl-C or SIGTERM stops, deletes the scratch overlay.")
+                stop = asyncio.Event()
+                with _stop_on_signals(stop, console):
+                    await stop.wait()
+            status = export.status()
+    console.print(
+        f"[bold green]Stopped:[/] {status.reads} reads, {status.writes} writes "
+        f"({_demo.format_size(status.overlay_bytes)} in the overlay, now deleted), "
+        f"{_demo.format_bytes(status.bytes_fetched)} fetched; hold released."
+    )
+    return EXIT_OK

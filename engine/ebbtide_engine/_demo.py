@@ -55,7 +55,7 @@ import rich.table
 import rich.text
 import yaml
 
-import ebbtide_engine as ebbtide
+from ebbtide_engine import _errors, _index, _recovery, _runtime, _spec, storage
 
 DEMO_FILE = "demo.yaml"
 DEMO_VPG = "demo"
@@ -74,10 +74,10 @@ _RANGE_COST = 4 << 10  # what a TRIM or WRITE_ZEROES counts for in the pacing
 _CHUNK = 64 << 10
 
 KIND_NAMES = {
-    ebbtide.CheckpointKind.AUTOMATIC: "Automatic",
-    ebbtide.CheckpointKind.TAGGED: "Tagged",
-    ebbtide.CheckpointKind.APPLICATION_CONSISTENT: "ApplicationConsistent",
-    ebbtide.CheckpointKind.FAILOVER_TEST: "FailoverTest",
+    _index.CheckpointKind.AUTOMATIC: "Automatic",
+    _index.CheckpointKind.TAGGED: "Tagged",
+    _index.CheckpointKind.APPLICATION_CONSISTENT: "ApplicationConsistent",
+    _index.CheckpointKind.FAILOVER_TEST: "FailoverTest",
 }
 
 DiskKey = tuple[str, str]  # (vm, disk)
@@ -119,12 +119,12 @@ def format_time(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def describe_checkpoint(checkpoint: ebbtide.Checkpoint) -> str:
+def describe_checkpoint(checkpoint: _index.Checkpoint) -> str:
     tag = f" {checkpoint.tag!r}" if checkpoint.tag else ""
     return f"checkpoint {checkpoint.id}{tag} ({format_time(checkpoint.time)})"
 
 
-def checkpoint_table(checkpoints: Sequence[ebbtide.Checkpoint], *, title: str) -> rich.table.Table:
+def checkpoint_table(checkpoints: Sequence[_index.Checkpoint], *, title: str) -> rich.table.Table:
     table = rich.table.Table(title=title, title_justify="left", title_style="bold")
     table.add_column("id", justify="right")
     table.add_column("time (UTC)")
@@ -160,14 +160,14 @@ def recovery_progress(console: rich.console.Console) -> rich.progress.Progress:
 
 async def recover_with_progress(
     console: rich.console.Console,
-    store: ebbtide.ObjectStore,
+    store: storage.ObjectStore,
     vpg: str,
-    selector: ebbtide.CheckpointSelector,
+    selector: _recovery.CheckpointSelector,
     out_dir: pathlib.Path,
     *,
     label: str,
     vms: Sequence[str] | None = None,
-) -> ebbtide.RecoveryResult:
+) -> _recovery.RecoveryResult:
     """``recover_to_files`` with a progress bar of the journal bytes read."""
     with recovery_progress(console) as bar:
         task = bar.add_task(label, total=None)
@@ -175,7 +175,7 @@ async def recover_with_progress(
         def report(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        result = await ebbtide.recover_to_files(
+        result = await _recovery.recover_to_files(
             store, vpg, selector, out_dir, vms=vms, progress=report
         )
         bar.update(task, completed=result.bytes_read, total=result.bytes_read)
@@ -201,18 +201,18 @@ def default_storage_url() -> str:
     return (pathlib.Path.cwd() / ".ebbtide" / "demo").resolve().as_uri()
 
 
-def load_demo_spec(examples_dir: pathlib.Path) -> ebbtide.VpgSpec:
+def load_demo_spec(examples_dir: pathlib.Path) -> _spec.VpgSpec:
     """The VirtualProtectionGroup named "demo" in ``examples_dir/demo.yaml``."""
     path = examples_dir / DEMO_FILE
     try:
         documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     except FileNotFoundError:
-        raise ebbtide.SpecError(
+        raise _errors.SpecError(
             f"{path} does not exist; run from the repository root, or pass --examples DIR "
             f"(the directory holding {DEMO_FILE})"
         ) from None
     except (OSError, yaml.YAMLError) as exc:
-        raise ebbtide.SpecError(f"{path} is not readable YAML: {exc}") from None
+        raise _errors.SpecError(f"{path} is not readable YAML: {exc}") from None
     for doc in documents:
         if (
             isinstance(doc, dict)
@@ -220,10 +220,10 @@ def load_demo_spec(examples_dir: pathlib.Path) -> ebbtide.VpgSpec:
             and (doc.get("metadata") or {}).get("name") == DEMO_VPG
         ):
             try:
-                return ebbtide.VpgSpec.from_resource(doc)
-            except ebbtide.SpecError as exc:
-                raise ebbtide.SpecError(f"{path}: {exc}") from None
-    raise ebbtide.SpecError(f"{path} has no VirtualProtectionGroup named {DEMO_VPG!r}")
+                return _spec.VpgSpec.from_resource(doc)
+            except _errors.SpecError as exc:
+                raise _errors.SpecError(f"{path}: {exc}") from None
+    raise _errors.SpecError(f"{path} has no VirtualProtectionGroup named {DEMO_VPG!r}")
 
 
 # --- the model ----------------------------------------------------------------
@@ -317,20 +317,20 @@ class WorkloadStats:
 @dataclasses.dataclass(slots=True)
 class PendingTag:
     tag: str
-    future: asyncio.Future[ebbtide.Checkpoint | None]
+    future: asyncio.Future[_index.Checkpoint | None]
     snapshot: Snapshot | None  # kept for the first and the latest only (those get verified)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelledCheckpoint:
-    checkpoint: ebbtide.Checkpoint
+    checkpoint: _index.Checkpoint
     snapshot: Snapshot
 
 
 class Workload:
     """Writes, trims and zero-writes at a steady pace, mirrored into the model."""
 
-    def __init__(self, runtime: ebbtide.VpgRuntime, *, seed: int | None = None) -> None:
+    def __init__(self, runtime: _runtime.VpgRuntime, *, seed: int | None = None) -> None:
         self.runtime = runtime
         self.rng = random.Random(seed)
         self.models = {
@@ -409,7 +409,7 @@ class Workload:
         """Cut a tagged checkpoint and freeze the model at the same instant."""
         self.stats.tagged += 1
         tag = f"demo-{self.stats.tagged}"
-        future = self.runtime.request_checkpoint(ebbtide.CheckpointKind.TAGGED, tag)
+        future = self.runtime.request_checkpoint(_index.CheckpointKind.TAGGED, tag)
         # No await between the cut and the copy: no write can slip in.
         snapshot = {key: model.freeze() for key, model in self.models.items()}
         if len(self.pending) > 1:
@@ -432,8 +432,8 @@ class Workload:
 
 
 def vpg_panel(
-    status: ebbtide.RuntimeStatus,
-    spec: ebbtide.VpgSpec,
+    status: _runtime.RuntimeStatus,
+    spec: _spec.VpgSpec,
     store: str,
     stats: WorkloadStats,
     rates: tuple[float, float],
@@ -539,10 +539,10 @@ async def run_demo(
     """
     spec = load_demo_spec(examples_dir or default_examples_dir())
     url = storage_url or default_storage_url()
-    account = ebbtide.StorageAccount.parse(url)
+    account = storage.StorageAccount.parse(url)
     if account.scheme == "file":
         await asyncio.to_thread(pathlib.Path(account.bucket).mkdir, parents=True, exist_ok=True)
-    store = ebbtide.open_store(account)
+    store = storage.open_store(account)
     try:
         return await _protect_and_verify(console, spec, store, seconds)
     finally:
@@ -551,8 +551,8 @@ async def run_demo(
 
 async def _protect_and_verify(
     console: rich.console.Console,
-    spec: ebbtide.VpgSpec,
-    store: ebbtide.ObjectStore,
+    spec: _spec.VpgSpec,
+    store: storage.ObjectStore,
     seconds: float,
 ) -> bool:
     disks = sum(len(vm.disks) for vm in spec.vms)
@@ -562,7 +562,7 @@ async def _protect_and_verify(
         "(Ctrl-C stops early)."
     )
     with console.status("Taking the writer lease and reading the journal from storage..."):
-        runtime = await ebbtide.VpgRuntime.open(spec, store)
+        runtime = await _runtime.VpgRuntime.open(spec, store)
     try:
         previous = runtime.status().previous_writer
         if previous is not None:
@@ -584,7 +584,7 @@ async def _protect_and_verify(
         "committed, writer lease released."
     )
 
-    checkpoints = await ebbtide.list_checkpoints(store, spec.name)
+    checkpoints = await _recovery.list_checkpoints(store, spec.name)
     epoch = runtime.status().epoch
     ours = [c for c in checkpoints if c.epoch == epoch]
     earlier = len(checkpoints) - len(ours)
@@ -597,7 +597,7 @@ async def _protect_and_verify(
 
 async def _run_workload(
     console: rich.console.Console,
-    runtime: ebbtide.VpgRuntime,
+    runtime: _runtime.VpgRuntime,
     workload: Workload,
     where: str,
     seconds: float,
@@ -655,8 +655,8 @@ def _warnings_above(console: rich.console.Console) -> Iterator[None]:
 
 async def _verify(
     console: rich.console.Console,
-    store: ebbtide.ObjectStore,
-    spec: ebbtide.VpgSpec,
+    store: storage.ObjectStore,
+    spec: _spec.VpgSpec,
     modelled: list[ModelledCheckpoint],
 ) -> bool:
     """Recover each modelled checkpoint (the last first) and compare it with the model."""
@@ -693,8 +693,8 @@ async def _verify(
 
 async def _verify_one(
     console: rich.console.Console,
-    store: ebbtide.ObjectStore,
-    spec: ebbtide.VpgSpec,
+    store: storage.ObjectStore,
+    spec: _spec.VpgSpec,
     item: ModelledCheckpoint,
     out_dir: pathlib.Path,
     by_tag: bool,
@@ -703,15 +703,15 @@ async def _verify_one(
     checkpoint = item.checkpoint
     what = describe_checkpoint(checkpoint)
     selector = (
-        ebbtide.CheckpointSelector(tag=checkpoint.tag)
+        _recovery.CheckpointSelector(tag=checkpoint.tag)
         if by_tag and checkpoint.tag
-        else ebbtide.CheckpointSelector(id=checkpoint.id)
+        else _recovery.CheckpointSelector(id=checkpoint.id)
     )
     try:
         result = await recover_with_progress(
             console, store, spec.name, selector, out_dir, label=f"recovering {checkpoint.tag}"
         )
-    except ebbtide.EbbtideError as exc:
+    except _errors.EbbtideError as exc:
         return 0, 0, [f"recovering {what}: {exc}"]
     if result.checkpoint.id != checkpoint.id:
         found = result.checkpoint.id
@@ -730,7 +730,7 @@ async def _verify_one(
 
 
 def _compare_all(
-    result: ebbtide.RecoveryResult, snapshot: Snapshot, sizes: dict[DiskKey, int]
+    result: _recovery.RecoveryResult, snapshot: Snapshot, sizes: dict[DiskKey, int]
 ) -> list[Mismatch]:
     mismatches = []
     recovered = {(d.vm, d.disk): d for d in result.disks}

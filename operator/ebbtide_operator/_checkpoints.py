@@ -66,7 +66,15 @@ class CheckpointHandlers:
                 else f"VPG {vpg!r} does not exist in namespace {namespace!r}; fix spec.vpgRef"
             )
             reason = "VpgNotProtecting" if exists else "VpgNotFound"
-            self._fail_checkpoint(body, patch, status, generation, reason, message)
+            _state.fail(
+                body,
+                patch,
+                status,
+                generation,
+                condition="Committed",
+                reason=reason,
+                message=message,
+            )
             return
         kind = (
             ebbtide_engine.CheckpointKind.APPLICATION_CONSISTENT
@@ -87,8 +95,14 @@ class CheckpointHandlers:
             try:
                 checkpoint = await protection.runtime.checkpoint(kind, tag)
             except ebbtide_engine.EbbtideError as exc:
-                self._fail_checkpoint(
-                    body, patch, status, generation, type(exc).__name__, f"VPG {vpg!r}: {exc}"
+                _state.fail(
+                    body,
+                    patch,
+                    status,
+                    generation,
+                    condition="Committed",
+                    reason=type(exc).__name__,
+                    message=f"VPG {vpg!r}: {exc}",
                 )
                 return
         message = f"checkpoint {checkpoint.id} of VPG {vpg!r} is durable"
@@ -105,22 +119,3 @@ class CheckpointHandlers:
         patch.status["checkpointId"] = checkpoint.id
         patch.status["time"] = _conditions.rfc3339(checkpoint.time)
         kopf.info(body, reason="Committed", message=message)
-
-    @staticmethod
-    def _fail_checkpoint(
-        body: kopf.Body,
-        patch: kopf.Patch,
-        status: kopf.Status,
-        generation: int | None,
-        reason: str,
-        message: str,
-    ) -> None:
-        _state.write_status(
-            patch,
-            status,
-            generation,
-            phase="Failed",
-            message=message,
-            conditions=[_conditions.Condition("Committed", "False", reason, message)],
-        )
-        kopf.warn(body, reason=reason, message=message)

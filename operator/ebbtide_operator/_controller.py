@@ -38,10 +38,11 @@ class Controller:
     def __init__(self, config: _state.OperatorConfig | None = None) -> None:
         self.state = _state.State(config or _state.OperatorConfig())
         self._vpgs = _vpgs.VpgHandlers(self.state)
+        self._recoveries = _recoveries.RecoveryHandlers(self.state)
         self._parts = (
             self._vpgs,
             _checkpoints.CheckpointHandlers(self.state),
-            _recoveries.RecoveryHandlers(self.state),
+            self._recoveries,
         )
 
     @property
@@ -54,6 +55,11 @@ class Controller:
         """The open runtime of VPG ``namespace/name`` (for the NBD endpoint and tests)."""
         protection = self.state.vpgs.get((namespace, name))
         return protection.runtime if protection else None
+
+    def endpoint_status(self, namespace: str, name: str) -> ebbtide_engine.EndpointStatus | None:
+        """The NBD endpoint of VPG ``namespace/name`` now (None: no endpoint, or not serving)."""
+        hook = self.config.endpoint
+        return hook.status(namespace, name) if hook is not None else None
 
     def protections(self) -> list[_state.Protection]:
         return list(self.state.vpgs.values())
@@ -133,6 +139,7 @@ class Controller:
 
     async def stop_all(self, **_: Any) -> None:
         """Operator shutdown: close every runtime cleanly, cancel running recoveries."""
+        await self._recoveries.stop_all()
         jobs = list(self.state.jobs.values())
         for job in jobs:
             job.task.cancel()
@@ -145,7 +152,10 @@ class Controller:
         """Drop every runtime without closing it, as a killed process would (tests only)."""
         protections = list(self.state.vpgs.values())
         self.state.vpgs.clear()
+        hook = self.config.endpoint
         for protection in protections:
+            if hook is not None:
+                await hook.abort(protection.namespace, protection.name)
             await protection.runtime.abort()
             await protection.store.close()
 

@@ -33,11 +33,14 @@ Key = tuple[str, str]  # (namespace, name)
 
 
 class EndpointHook(Protocol):
-    """Where the NBD endpoint attaches to a VPG's runtime (not built yet: none by default).
+    """Where the NBD endpoint attaches to a VPG's runtime (``_endpoints.Endpoints``).
 
     ``attach`` is called once the runtime is open (and again after every
-    reopen on a spec change); ``detach`` before it closes. The endpoint then
-    turns NBD writes into ``runtime.write(...)``.
+    reopen on a spec or StorageAccount change); ``detach`` before it closes;
+    ``abort`` only to simulate a crash. ``attach`` raises
+    ``_endpoints.EndpointProblem`` when the VPG cannot be served now. The
+    endpoint then turns NBD writes into ``runtime.write(...)``; ``status``
+    feeds the VPG's status and the metrics (None while not served).
     """
 
     async def attach(
@@ -45,6 +48,10 @@ class EndpointHook(Protocol):
     ) -> None: ...
 
     async def detach(self, namespace: str, name: str) -> None: ...
+
+    async def abort(self, namespace: str, name: str) -> None: ...
+
+    def status(self, namespace: str, name: str) -> ebbtide_engine.EndpointStatus | None: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,6 +72,18 @@ class OperatorConfig:
     checkpoint_wait_retries: int = 15
     checkpoint_wait_seconds: float = 2.0
     lease_seconds: float = 15.0
+    #: Where VPG NBD endpoints listen (``--endpoint-address``; the Helm chart passes 0.0.0.0).
+    endpoint_address: str = "127.0.0.1"
+    #: The host name in the NBD URLs of status (``--endpoint-advertise``; None: the address).
+    endpoint_advertise: str | None = None
+    #: Ports for NBD servers, low and high inclusive, one per VPG (``--endpoint-ports``).
+    endpoint_ports: tuple[int, int] = (10809, 10872)
+    #: Dirty maps, mirror replicas, spill files (``--state-dir``): ``<dir>/<namespace>/<vpg>/``.
+    state_dir: str = "/var/lib/ebbtide"
+    #: The container image of restore Jobs (a PersistentVolumeClaims target, ``--job-image``).
+    job_image: str = "ebbtide:0.1.0"
+    #: The endpoint serving every VPG; ``python -m ebbtide_operator`` sets an
+    #: ``_endpoints.Endpoints`` built from the fields above. None: no endpoint.
     endpoint: EndpointHook | None = None
 
 
@@ -80,16 +99,25 @@ class Protection:
     generation: int | None
     publisher: _vpgstatus.Publisher
     checkpoints: int = 0
+    #: The StorageAccount as resolved when the runtime opened (a change reopens the runtime).
+    account: _accounts.ResolvedAccount | None = None
+    #: Why the endpoint is not serving (reason, message), and when to try again (monotonic).
+    endpoint_problem: tuple[str, str] | None = None
+    endpoint_retry_at: float = 0.0
+    #: The Recovery type running against this VPG ("FailoverTest", "Failover", "Move"), if any.
+    operation: str | None = None
+    #: What the VPG's ``OperationRunning`` condition says about it (names the Recovery).
+    operation_message: str = ""
 
 
 @dataclasses.dataclass(slots=True)
 class RecoveryJob:
-    """A Restore running in this process; the Recovery timer copies its progress to status."""
+    """A Recovery copying data in this process; the Recovery timer copies its progress to status."""
 
     namespace: str
     name: str
     vpg: str
-    task: asyncio.Task[ebbtide_engine.RecoveryResult]
+    task: asyncio.Task[Any]
     bytes_done: int = 0
     bytes_total: int = 0
     published_percent: int = -1
@@ -112,6 +140,9 @@ class State:
         self.vpgs: dict[Key, Protection] = {}
         self.jobs: dict[Key, RecoveryJob] = {}
         self._locks: dict[Key, asyncio.Lock] = {}
+        #: VPGs whose runtime closed for a StorageAccount change and did not reopen yet:
+        #: the spec and generation to reopen with; the status timer retries.
+        self.reopen: dict[Key, tuple[ebbtide_engine.VpgSpec, int | None]] = {}
 
     @property
     def retry_delay(self) -> float:
@@ -138,6 +169,28 @@ def write_status(
     patch.status["conditions"] = _conditions.merge(
         status.get("conditions"), conditions, generation=generation
     )
+
+
+def fail(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    status: Mapping[str, Any],
+    generation: int | None,
+    *,
+    condition: str,
+    reason: str,
+    message: str,
+) -> None:
+    """Phase ``Failed``, ``condition`` False with ``reason``/``message``, and a Warning event."""
+    write_status(
+        patch,
+        status,
+        generation,
+        phase="Failed",
+        message=message,
+        conditions=[_conditions.Condition(condition, "False", reason, message)],
+    )
+    kopf.warn(body, reason=reason, message=message)
 
 
 def problem(exc: Exception) -> tuple[str, str]:

@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import pathlib
 import re
+import time
 from collections.abc import Mapping
 from typing import Any, Literal, NoReturn
 
 import kopf
 
 import ebbtide_engine
-from ebbtide_operator import _accounts, _conditions, _state, _vpgstatus
+from ebbtide_operator import _accounts, _conditions, _endpoints, _state, _vpgstatus
 
 logger = logging.getLogger("ebbtide.operator")
 
@@ -33,6 +35,8 @@ class VpgHandlers:
 
     def __init__(self, state: _state.State) -> None:
         self.state = state
+        #: A changed StorageAccount that could not be reached, and when to check it again.
+        self._rejected: dict[_state.Key, tuple[_accounts.ResolvedAccount, float]] = {}
 
     def register(self, registry: kopf.OperatorRegistry) -> None:
         on, vpgs = kopf.on, _state.VPGS
@@ -96,50 +100,113 @@ class VpgHandlers:
             if old is not None:
                 logger.info("VPG %s/%s: spec changed; reopening the runtime", namespace, name)
                 await self.stop(old)
+            self.state.reopen.pop(key, None)
             try:
-                runtime = await self._open_runtime(namespace, vpg_spec, store)
+                protection = await self._open_protection(
+                    namespace, name, vpg_spec, store, account, generation
+                )
             except (ebbtide_engine.StorageError, ebbtide_engine.FencedError) as exc:
-                await store.close()
                 kind = (
                     "Ready" if isinstance(exc, ebbtide_engine.FencedError) else "StorageReachable"
                 )
                 self._retry_later(body, patch, status, generation, kind, exc)
-            protection = _state.Protection(
-                namespace=namespace,
-                name=name,
-                spec=vpg_spec,
-                store=store,
-                runtime=runtime,
-                generation=generation,
-                publisher=_vpgstatus.Publisher(self.state.config.status_refresh_seconds),
-                checkpoints=len(runtime.list_checkpoints()),
-            )
-            runtime.add_durable_listener(lambda _checkpoint: _count(protection))
-            self.state.vpgs[key] = protection
-            if self.state.config.endpoint is not None:
-                await self.state.config.endpoint.attach(namespace, name, runtime)
             self._publish(protection, status, patch, force=True)
-            previous = runtime.status().previous_writer
-            detail = ""
-            if previous is not None and not previous.clean_shutdown:
-                detail = (
-                    f"; the previous writer (epoch {previous.previous_epoch}) did not stop "
-                    f"cleanly: writes after checkpoint {previous.last_checkpoint} are void"
+            self._announce(protection, body, status)
+
+    async def _open_protection(
+        self,
+        namespace: str,
+        name: str,
+        vpg_spec: ebbtide_engine.VpgSpec,
+        store: ebbtide_engine.ObjectStore,
+        account: _accounts.ResolvedAccount,
+        generation: int | None,
+    ) -> _state.Protection:
+        """Open the runtime on ``store`` (closed on failure), register it, attach the endpoint."""
+        try:
+            runtime = await self._open_runtime(namespace, vpg_spec, store)
+        except BaseException:
+            await store.close()
+            raise
+        protection = _state.Protection(
+            namespace=namespace,
+            name=name,
+            spec=vpg_spec,
+            store=store,
+            runtime=runtime,
+            generation=generation,
+            publisher=_vpgstatus.Publisher(self.state.config.status_refresh_seconds),
+            checkpoints=len(runtime.list_checkpoints()),
+            account=account,
+        )
+        runtime.add_durable_listener(lambda _checkpoint: _count(protection))
+        self.state.vpgs[(namespace, name)] = protection
+        await self._attach(protection)
+        return protection
+
+    async def _attach(self, protection: _state.Protection) -> bool:
+        """Start the VPG's NBD endpoint; a problem is kept for status and retried later."""
+        hook = self.state.config.endpoint
+        if hook is None:
+            return False
+        try:
+            await hook.attach(protection.namespace, protection.name, protection.runtime)
+        except _endpoints.EndpointProblem as exc:
+            if protection.endpoint_problem != (exc.reason, exc.message):
+                logger.warning(
+                    "VPG %s/%s: endpoint not served: %s", protection.namespace, protection.name, exc
                 )
-            kopf.info(
-                body,
-                reason="Protecting",
-                message=f"runtime open in {store.description} with epoch "
-                f"{runtime.status().epoch}{detail}",
+            protection.endpoint_problem = (exc.reason, exc.message)
+            protection.endpoint_retry_at = time.monotonic() + self.state.retry_delay
+            return False
+        protection.endpoint_problem = None
+        return True
+
+    def _announce(
+        self, protection: _state.Protection, body: kopf.Body, status: Mapping[str, Any]
+    ) -> None:
+        """The Protecting event (epoch, void writes, endpoint), or the endpoint's Warning."""
+        runtime_status = protection.runtime.status()
+        previous = runtime_status.previous_writer
+        detail = ""
+        if previous is not None and not previous.clean_shutdown:
+            detail = (
+                f"; the previous writer (epoch {previous.previous_epoch}) did not stop "
+                f"cleanly: writes after checkpoint {previous.last_checkpoint} are void"
             )
+        hook = self.state.config.endpoint
+        served = hook.status(protection.namespace, protection.name) if hook else None
+        if served is not None:
+            disks = ", ".join(f"{d.export} {d.state}" for d in served.disks)
+            detail += f"; NBD endpoint serving {disks}"
+        kopf.info(
+            body,
+            reason="Protecting",
+            message=f"runtime open in {protection.store.description} with epoch "
+            f"{runtime_status.epoch}{detail}",
+        )
+        if protection.endpoint_problem is not None:
+            reason, message = protection.endpoint_problem
+            _state.warn_once(body, status, "EndpointReady", reason, message)
 
     async def _open_runtime(
         self, namespace: str, spec: ebbtide_engine.VpgSpec, store: ebbtide_engine.ObjectStore
     ) -> ebbtide_engine.VpgRuntime:
         writer = _state.writer_id(self.state.config.pod_name, namespace, spec.name)
         takeover = await _takeover_mode(store, spec.name, writer)
+        config = self.state.config
+        # Spill beside the endpoint's maps (".spill": no VM name starts with a dot); without
+        # an endpoint the state directory is not in use, and writers wait instead.
+        spill = (
+            pathlib.Path(config.state_dir) / namespace / spec.name / ".spill"
+            if config.endpoint is not None
+            else None
+        )
         options = ebbtide_engine.RuntimeOptions(
-            writer_id=writer, takeover=takeover, lease_seconds=self.state.config.lease_seconds
+            writer_id=writer,
+            takeover=takeover,
+            lease_seconds=config.lease_seconds,
+            spill_dir=spill,
         )
         return await ebbtide_engine.VpgRuntime.open(spec, store, options=options)
 
@@ -174,13 +241,36 @@ class VpgHandlers:
         status: kopf.Status,
         patch: kopf.Patch,
         body: kopf.Body,
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
-        """Timer: write the runtime's status when it changed enough (see ``_vpgstatus``)."""
+        """Timer: write the runtime's status when it changed enough (see ``_vpgstatus``).
+
+        It also reopens the runtime when its StorageAccount (URL, credentials)
+        changed, and retries an endpoint that could not be served.
+        """
         assert namespace is not None  # every Ebbtide kind is namespaced
-        protection = self.state.vpgs.get((namespace, name))
+        key = (namespace, name)
+        if key in self.state.reopen and key not in self.state.vpgs:
+            await self._reopen(key, body, patch, status, kwargs)
+            return
+        protection = self.state.vpgs.get(key)
         if protection is None:
             return
+        if protection.account is not None and await self._follow_account(
+            protection, body, patch, status, kwargs
+        ):
+            return
+        if protection.endpoint_problem is not None and (
+            time.monotonic() >= protection.endpoint_retry_at
+        ):
+            async with self.state.lock(key):
+                current = self.state.vpgs.get(key) is protection
+                served = current and await self._attach(protection)
+            if served:
+                self._announce(protection, body, status)
+            elif current and protection.endpoint_problem is not None:
+                reason, message = protection.endpoint_problem
+                _state.warn_once(body, status, "EndpointReady", reason, message)
         before = status.get("phase")
         if self._publish(protection, status, patch) and patch.status.get("phase") != before:
             new = patch.status.get("phase")
@@ -190,6 +280,122 @@ class VpgHandlers:
             else:
                 kopf.warn(body, reason=str(new), message=message)
 
+    async def _follow_account(
+        self,
+        protection: _state.Protection,
+        body: kopf.Body,
+        patch: kopf.Patch,
+        status: kopf.Status,
+        indexes: Mapping[str, Any],
+    ) -> bool:
+        """Reopen on a changed StorageAccount (URL, bucket, Secret); True if it reopened.
+
+        The new account is checked first: while it cannot be reached the
+        runtime goes on with the old one (the StorageAccount's own status says
+        why). Then the runtime closes cleanly (every journal byte shipped, a
+        final checkpoint) and opens on the new account.
+        """
+        assert protection.account is not None
+        try:
+            account = _accounts.resolve(
+                protection.namespace,
+                protection.account.name,
+                accounts=indexes["storage_accounts"],
+                secrets=indexes["secrets"],
+            )
+        except _accounts.AccountProblem:
+            return False
+        key = (protection.namespace, protection.name)
+        if account == protection.account:
+            return False
+        rejected, until = self._rejected.get(key, (None, 0.0))
+        if account == rejected and time.monotonic() < until:
+            return False
+        self._rejected.pop(key, None)
+        try:
+            store = account.open()
+            try:
+                await store.check()
+            finally:
+                await store.close()
+        except (_accounts.AccountProblem, ebbtide_engine.StorageError) as exc:
+            _reason, message = _state.problem(exc)
+            logger.warning(
+                "VPG %s/%s: StorageAccount %s changed but is unusable (%s); keeping the old one",
+                *key,
+                account.name,
+                message,
+            )
+            # Checked again after the retry delay, not on every tick.
+            self._rejected[key] = (account, time.monotonic() + self.state.retry_delay)
+            return False
+        async with self.state.lock(key):
+            if self.state.vpgs.get(key) is not protection:
+                return False
+            kopf.info(
+                body,
+                reason="StorageAccountChanged",
+                message=f"StorageAccount {account.name!r} changed: closing the runtime in "
+                f"{protection.store.description} cleanly and reopening it",
+            )
+            self.state.vpgs.pop(key)
+            await self.stop(protection)
+            self.state.reopen[key] = (protection.spec, protection.generation)
+            await self._reopen(key, body, patch, status, indexes, locked=True)
+        return True
+
+    async def _reopen(
+        self,
+        key: _state.Key,
+        body: kopf.Body,
+        patch: kopf.Patch,
+        status: kopf.Status,
+        indexes: Mapping[str, Any],
+        *,
+        locked: bool = False,
+    ) -> None:
+        """Open a runtime closed for an account change (retried by the timer until it opens)."""
+        if not locked:
+            async with self.state.lock(key):
+                if key in self.state.reopen and key not in self.state.vpgs:
+                    await self._reopen(key, body, patch, status, indexes, locked=True)
+            return
+        namespace, name = key
+        vpg_spec, generation = self.state.reopen[key]
+        account_name = str(body.get("spec", {}).get("storageAccountRef", {}).get("name", ""))
+        try:
+            account = _accounts.resolve(
+                namespace,
+                account_name,
+                accounts=indexes["storage_accounts"],
+                secrets=indexes["secrets"],
+            )
+            store = account.open()
+            protection = await self._open_protection(
+                namespace, name, vpg_spec, store, account, generation
+            )
+        except (
+            _accounts.AccountProblem,
+            ebbtide_engine.StorageError,
+            ebbtide_engine.FencedError,
+        ) as exc:
+            reason, message = _state.problem(exc)
+            fenced = isinstance(exc, ebbtide_engine.FencedError)
+            condition = "Ready" if fenced else "StorageReachable"
+            _state.write_status(
+                patch,
+                status,
+                generation,
+                phase="Error",
+                message=f"reopening after a StorageAccount change: {message}; will retry",
+                conditions=[_conditions.Condition(condition, "False", reason, message)],
+            )
+            _state.warn_once(body, status, condition, reason, message)
+            return
+        del self.state.reopen[key]
+        self._publish(protection, status, patch, force=True)
+        self._announce(protection, body, status)
+
     def _publish(
         self,
         protection: _state.Protection,
@@ -198,8 +404,16 @@ class VpgHandlers:
         *,
         force: bool = False,
     ) -> bool:
+        hook = self.state.config.endpoint
         fields, conditions = _vpgstatus.project(
-            protection.runtime.status(), protection.spec, checkpoints=protection.checkpoints
+            protection.runtime.status(),
+            protection.spec,
+            checkpoints=protection.checkpoints,
+            endpoint=hook.status(protection.namespace, protection.name) if hook else None,
+            endpoint_enabled=hook is not None,
+            endpoint_problem=protection.endpoint_problem,
+            operation=protection.operation,
+            operation_message=protection.operation_message,
         )
         fields["observedGeneration"] = protection.generation
         view = {**fields, "conditions": [dataclasses.asdict(c) for c in conditions]}
@@ -228,6 +442,7 @@ class VpgHandlers:
         patch.status["phase"] = "Deleting"
         key = (namespace, name)
         async with self.state.lock(key):
+            self.state.reopen.pop(key, None)
             protection = self.state.vpgs.pop(key, None)
             if protection is not None:
                 await self.stop(protection)
@@ -268,8 +483,19 @@ class VpgHandlers:
         )
 
     async def stop(self, protection: _state.Protection) -> None:
-        if self.state.config.endpoint is not None:
-            await self.state.config.endpoint.detach(protection.namespace, protection.name)
+        """Detach the endpoint (its checkpoint covers every write served), close the runtime."""
+        hook = self.state.config.endpoint
+        if hook is not None:
+            try:
+                await hook.detach(protection.namespace, protection.name)
+            except ebbtide_engine.EbbtideError as exc:
+                logger.warning(
+                    "VPG %s/%s: endpoint did not stop cleanly (%s); aborting it",
+                    protection.namespace,
+                    protection.name,
+                    exc,
+                )
+                await hook.abort(protection.namespace, protection.name)
         try:
             await protection.runtime.close()
         except ebbtide_engine.EbbtideError as exc:

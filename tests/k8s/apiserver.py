@@ -103,10 +103,29 @@ class Kind:
 BUILTIN_KINDS = (
     Kind(Resource("", "v1", "secrets"), "Secret", namespaced=True),
     Kind(Resource("", "v1", "configmaps"), "ConfigMap", namespaced=True, short_names=("cm",)),
+    Kind(
+        Resource("", "v1", "persistentvolumeclaims"),
+        "PersistentVolumeClaim",
+        namespaced=True,
+        short_names=("pvc",),
+    ),
+    Kind(Resource("batch", "v1", "jobs"), "Job", namespaced=True),
     Kind(Resource("", "v1", "events"), "Event", namespaced=True, short_names=("ev",)),
     Kind(Resource("events.k8s.io", "v1", "events"), "Event", namespaced=True, short_names=("ev",)),
     Kind(NAMESPACES, "Namespace", namespaced=False, short_names=("ns",)),
     Kind(CRDS, "CustomResourceDefinition", namespaced=False, short_names=("crd", "crds")),
+    # What the Helm chart installs (tests/helm applies it with kubectl).
+    Kind(Resource("", "v1", "serviceaccounts"), "ServiceAccount", True, short_names=("sa",)),
+    Kind(Resource("", "v1", "services"), "Service", namespaced=True, short_names=("svc",)),
+    Kind(Resource("apps", "v1", "deployments"), "Deployment", True, short_names=("deploy",)),
+    Kind(Resource("rbac.authorization.k8s.io", "v1", "clusterroles"), "ClusterRole", False),
+    Kind(
+        Resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings"),
+        "ClusterRoleBinding",
+        False,
+    ),
+    Kind(Resource("rbac.authorization.k8s.io", "v1", "roles"), "Role", namespaced=True),
+    Kind(Resource("rbac.authorization.k8s.io", "v1", "rolebindings"), "RoleBinding", True),
 )
 
 

@@ -144,6 +144,7 @@ def test_defaults_are_filled_in_as_the_api_server_would() -> None:
         "maxUnshippedBytes": "256Mi",
         "uploadConcurrency": 8,
         "hardLimit": "Unlimited",
+        "maxSpillBytes": "4Gi",
     }
     assert spec["onDelete"] == "Retain"
     assert {disk["mode"] for vm in spec["vms"] for disk in vm["disks"]} == {"Mirror"}

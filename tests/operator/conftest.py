@@ -24,6 +24,8 @@ import pytest
 import yaml
 
 import ebbtide_operator
+from ebbtide_operator import _endpoints
+from tests import s3server
 from tests.k8s import apiserver as emulation
 from tests.k8s.conftest import apiserver, kubeconfig
 from tests.k8s.test_apiserver import KUBECTL, Kubectl
@@ -52,6 +54,14 @@ def fast_config(**changes: Any) -> ebbtide_operator.OperatorConfig:
         lease_seconds=15.0,
     )
     return dataclasses.replace(base, **changes)
+
+
+def endpoint_config(state_dir: pathlib.Path, **changes: Any) -> ebbtide_operator.OperatorConfig:
+    """``fast_config`` plus the NBD endpoint on 127.0.0.1 (ports from a free one up)."""
+    low = s3server.free_port()
+    changes.setdefault("endpoint_ports", (low, min(low + 15, 65535)))
+    config = fast_config(state_dir=str(state_dir), **changes)
+    return dataclasses.replace(config, endpoint=_endpoints.Endpoints.from_config(config))
 
 
 class Operators:

@@ -13,7 +13,7 @@ import aiohttp
 from tests import s3server
 from tests.k8s.waiting import wait_for
 
-from .conftest import Cluster, account, needs_kubectl, protecting, vpg
+from .conftest import Cluster, account, needs_kubectl, vpg
 
 
 @needs_kubectl
@@ -21,6 +21,7 @@ async def test_the_entry_point_protects_serves_metrics_and_stops_cleanly(
     cluster: Cluster, kubeconfig: pathlib.Path, account_dir: pathlib.Path
 ) -> None:
     metrics_port, liveness_port = s3server.free_port(), s3server.free_port()
+    nbd_port = s3server.free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": "entry-0"}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -32,13 +33,28 @@ async def test_the_entry_point_protects_serves_metrics_and_stops_cleanly(
         str(metrics_port),
         "--liveness",
         f"http://127.0.0.1:{liveness_port}/healthz",
+        "--state-dir",
+        str(account_dir.parent / "state"),
+        "--endpoint-ports",
+        f"{nbd_port}-{nbd_port + 3}",
+        "--endpoint-advertise",
+        "ebbtide.example",
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
         await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
-        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting, timeout=30)
+        # Its Mirror disks wait for a first full pass: Syncing, with URLs to write them.
+        status = await cluster.wait_status(
+            "VirtualProtectionGroup",
+            "shop",
+            lambda s: s.get("phase") == "Syncing" and "lastCheckpoint" in s,
+            timeout=30,
+        )
+        url = status["vms"][0]["disks"][0]["url"]
+        assert url.startswith("nbd://ebbtide.example:"), url
+        assert nbd_port <= int(url.split(":")[2].split("/")[0]) <= nbd_port + 3
         ready = await cluster.condition("VirtualProtectionGroup", "shop", "Ready")
         assert "writer operator/entry-0/default/shop" in ready["message"]
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 import aiohttp
 
 import ebbtide_engine
 import ebbtide_operator
 from tests import s3server
+from tests.k8s.waiting import wait_for
 
 from .conftest import (
     Cluster,
     Operators,
     account,
     checkpoint,
+    endpoint_config,
     needs_kubectl,
     protecting,
     recovery,
@@ -137,8 +140,8 @@ async def test_checkpoint_of_a_missing_vpg_fails_and_unsupported_recoveries_say_
         refused = await cluster.wait_status(
             "Recovery", "test", lambda s: s.get("phase") == "Failed"
         )
-        assert refused["message"].startswith("not supported yet: a Restore to NbdExport")
-        assert refused["conditions"][0]["reason"] == "NotSupported"
+        assert refused["message"].startswith("a Restore cannot target NbdExport")
+        assert refused["conditions"][0]["reason"] == "InvalidTarget"
 
 
 async def test_metrics_show_each_vpg_and_the_liveness_endpoint_answers(
@@ -209,3 +212,154 @@ async def test_a_spec_change_reopens_the_runtime_without_losing_data(
     assert sorted(d.vm for d in new.disks) == ["cache", "db", "web"]
     assert (tmp_path / "v2" / "web" / "root.raw").read_bytes()[:4096] == WRITTEN
     assert (tmp_path / "v2" / "cache" / "tmp.raw").read_bytes()[:4096] == WRITTEN
+
+
+@needs_kubectl
+async def test_an_endpoint_that_cannot_serve_says_what_to_fix_and_recovers(
+    cluster: Cluster, operators: Operators, account_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    low = s3server.free_port()
+    config = endpoint_config(tmp_path / "state", endpoint_ports=(low, low))  # one port only
+    source = tmp_path / "data.raw"
+    proxy = [
+        {
+            "name": "web",
+            "disks": [
+                {"name": "data", "size": "1Mi", "mode": "Proxy", "source": {"path": str(source)}}
+            ],
+        }
+    ]
+    async with operators.run(config) as controller:
+        await cluster.apply(account("local", account_dir.as_uri()), vpg("first", "local"))
+        await cluster.wait_status(
+            "VirtualProtectionGroup", "first", lambda s: s.get("phase") == "Syncing"
+        )
+        await cluster.apply(vpg("second", "local"), vpg("proxied", "local", vms=proxy))
+
+        for name, reason, text in (
+            ("second", "PortRangeExhausted", f"no free port left in --endpoint-ports {low}-{low}"),
+            ("proxied", "ProxySourceMissing", f"source.path {source} does not exist"),
+        ):
+            status = await cluster.wait_status(
+                "VirtualProtectionGroup", name, lambda s: s.get("phase") == "Error"
+            )
+            condition = await cluster.condition("VirtualProtectionGroup", name, "EndpointReady")
+            assert (condition["status"], condition["reason"]) == ("False", reason)
+            assert text in condition["message"]
+            assert text in status["message"]
+            assert {d["syncState"] for vm in status["vms"] for d in vm["disks"]} == {"NotServed"}
+            events = await cluster.events(name)
+            warned = [e for e in events if e["reason"] == reason]
+            assert len(warned) == 1, events  # once, not on every retry
+            assert controller.runtime("default", name) is not None  # the journal stays open
+
+        # Fixed: the source exists, and deleting "first" frees the one port. The retries
+        # serve one of the two waiting VPGs; the other still says the range is full, until
+        # the served one goes too.
+        source.write_bytes(b"\x01" * (1 << 20))
+        await cluster.delete("VirtualProtectionGroup", "first")
+
+        async def served_one() -> tuple[str, str] | None:
+            ready = {
+                name: await cluster.condition("VirtualProtectionGroup", name, "EndpointReady")
+                for name in ("second", "proxied")
+            }
+            reasons = sorted((c.get("reason"), name) for name, c in ready.items())
+            if [reason for reason, _ in reasons] != ["PortRangeExhausted", "Serving"]:
+                return None
+            return reasons[1][1], reasons[0][1]
+
+        found = await wait_for(served_one, 20, what="one VPG served, one waiting")
+        assert found is not None
+        served, waiting = found
+        status = await cluster.status("VirtualProtectionGroup", served)
+        assert all(d.get("url") for vm in status["vms"] for d in vm["disks"])
+        await cluster.delete("VirtualProtectionGroup", served)
+        await cluster.wait_status(
+            "VirtualProtectionGroup",
+            waiting,
+            lambda s: (
+                s.get("phase") in ("Syncing", "MeetingSLA")
+                and all(d.get("url") for vm in s["vms"] for d in vm["disks"])
+            ),
+            timeout=20,
+        )
+
+
+@needs_kubectl
+async def test_a_storage_account_change_reopens_its_vpgs_without_losing_data(
+    cluster: Cluster, operators: Operators, account_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    alias = tmp_path / "alias"  # the same directory under another URL: the data must carry on
+    alias.symlink_to(account_dir)
+    async with operators.run() as controller:
+        await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
+        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
+        runtime = controller.runtime("default", "shop")
+        assert runtime is not None
+        await runtime.write("web", "root", 0, WRITTEN)  # not yet checkpointed: must survive
+
+        await cluster.apply(account("local", alias.as_uri()))
+        await cluster.wait_status(
+            "VirtualProtectionGroup", "shop", lambda s: "epoch 2" in str(s.get("conditions"))
+        )
+        reopened = controller.runtime("default", "shop")
+        assert reopened is not None
+        assert reopened is not runtime
+        previous = reopened.status().previous_writer
+        assert previous is not None
+        assert previous.clean_shutdown  # closed cleanly: everything shipped
+        events = [e["reason"] for e in await cluster.events("shop")]
+        assert "StorageAccountChanged" in events
+        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
+
+        # A new URL that cannot be reached: protection goes on with the old one.
+        await cluster.apply(account("local", (tmp_path / "missing").as_uri()))
+        await cluster.wait_status("StorageAccount", "local", lambda s: s.get("phase") == "Error")
+        assert controller.runtime("default", "shop") is reopened
+
+    target = tmp_path / "restore"
+    store = ebbtide_engine.open_store(account_dir.as_uri())
+    try:
+        await ebbtide_engine.recover_to_files(
+            store, "shop", ebbtide_engine.CheckpointSelector(latest=True), target
+        )
+    finally:
+        await store.close()
+    assert (target / "web" / "root.raw").read_bytes()[:4096] == WRITTEN
+
+
+@needs_kubectl
+async def test_a_spec_change_reopens_the_runtime_and_reattaches_the_endpoint(
+    cluster: Cluster, operators: Operators, account_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    def urls(status: dict[str, Any]) -> dict[str, str]:
+        return {
+            f"{vm['name']}/{d['name']}": d.get("url", "")
+            for vm in status.get("vms", [])
+            for d in vm.get("disks", [])
+        }
+
+    async with operators.run(endpoint_config(tmp_path / "state")) as controller:
+        body = vpg("shop", "local")
+        await cluster.apply(account("local", account_dir.as_uri()), body)
+        before = await cluster.wait_status(
+            "VirtualProtectionGroup", "shop", lambda s: all(urls(s).values()) and urls(s)
+        )
+        body["spec"]["vms"][0]["disks"].append({"name": "extra", "size": "1Mi"})
+        await cluster.apply(body)
+        after = await cluster.wait_status(
+            "VirtualProtectionGroup",
+            "shop",
+            lambda s: urls(s).get("web/extra") and "epoch 2" in str(s.get("conditions")),
+        )
+        assert after["observedGeneration"] == 2
+        assert urls(after)["web/root"] == urls(before)["web/root"]  # the same port again
+        served = controller.endpoint_status("default", "shop")
+        assert served is not None
+        assert served.runtime.epoch == 2  # served by the reopened runtime
+        assert [d.export for d in served.disks] == [
+            "shop/web/root",
+            "shop/web/extra",
+            "shop/db/log",
+        ]

@@ -62,7 +62,9 @@ async def test_progress_is_reported_and_a_second_recovery_of_the_vpg_is_refused(
         refused = await cluster.wait_status(
             "Recovery", "second", lambda s: s.get("phase") == "Failed"
         )
-        assert refused["message"].startswith("Recovery 'first' is already running for VPG 'shop'")
+        assert refused["message"].startswith(
+            "Recovery 'first' (Restore) is already running for VPG 'shop'"
+        )
         condition = await cluster.condition("Recovery", "second", "Running")
         assert condition["reason"] == "Conflict"
         assert any(e["reason"] == "Conflict" for e in await cluster.events("second"))

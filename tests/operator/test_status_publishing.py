@@ -54,3 +54,18 @@ def test_forget_writes_the_next_one_whatever_it_is() -> None:
     assert publisher.decide(_view(), now=0)
     publisher.forget()
     assert publisher.decide(_view(actualRpoSeconds=2.0), now=1)
+
+
+def _vms(state: str, percent: int, url: str = "nbd://h:10809/shop/web/root") -> list[Any]:
+    disk = {"name": "root", "syncState": state, "syncPercent": percent, "url": url}
+    return [{"name": "web", "syncState": state, "disks": [disk]}]
+
+
+def test_sync_states_and_urls_are_urgent_progress_is_not() -> None:
+    publisher = ebbtide_operator.Publisher(refresh_seconds=30)
+    assert publisher.decide(_view(vms=_vms("InitialSync", 0)), now=0)
+    assert not publisher.decide(_view(vms=_vms("InitialSync", 40)), now=1)  # progress: waits
+    assert publisher.decide(_view(vms=_vms("Protecting", 100)), now=2)  # state: at once
+    moved = _vms("Protecting", 100, url="nbd://h:10810/shop/web/root")
+    assert publisher.decide(_view(vms=moved), now=3)  # a new URL: at once
+    assert publisher.patches == 3
