@@ -1,0 +1,1 @@
+"""Tests of the Helm chart (charts/ebbtide) and the image it runs (Dockerfile)."""
