@@ -124,6 +124,40 @@ async def _next_checkpoint(store: ebbtide.ObjectStore, known: int) -> ebbtide.Ch
     return listed[-1]
 
 
+def _endpoint_args(
+    tmp_path: pathlib.Path,
+    store_url: str,
+    state_dir: pathlib.Path,
+    spec: str,
+    *,
+    seed: int,
+    data_mib: int,
+) -> tuple[pathlib.Path, list[str], str]:
+    """A Proxy source with ``data_mib`` of random data, its spec; endpoint args and NBD URL."""
+    source = tmp_path / "source.raw"
+    with source.open("wb") as file:
+        file.write(random.Random(seed).randbytes(data_mib * MiB))
+        file.truncate(SIZE)
+    spec_file = tmp_path / "vpg.yaml"
+    spec_file.write_text(spec.format(source=source))
+    port = s3server.free_port()
+    args = ["--storage", store_url, "--state-dir", str(state_dir), "--port", str(port)]
+    args += ["--takeover", "force", str(spec_file)]
+    return source, args, f"nbd://127.0.0.1:{port}/crash/vm/root"
+
+
+async def _assert_recoveries(env: EndpointEnv, now: bytes, expected: dict[int, bytes]) -> None:
+    """The latest checkpoint equals ``now`` (the source); each of ``expected`` is unchanged."""
+    listed = await _checkpoints(env.store)
+    latest = await env.recover("crash", listed[-1].id)
+    assert_same(latest[("vm", "root")], now, "the latest checkpoint")
+    for checkpoint_id, image in expected.items():
+        recovered = await env.recover("crash", checkpoint_id)
+        assert_same(
+            recovered[("vm", "root")], image, f"checkpoint {checkpoint_id} (before the crash)"
+        )
+
+
 def _dirty_regions(path: pathlib.Path) -> list[int]:
     image = _endpoint.read_dirty_map(path)
     assert image is not None
@@ -136,26 +170,10 @@ def _dirty_regions(path: pathlib.Path) -> list[int]:
 async def test_kill_9_then_restart_resyncs_the_dirty_regions(
     s3_env: EndpointEnv, tmp_path: pathlib.Path
 ) -> None:
-    source = tmp_path / "source.raw"
-    with source.open("wb") as file:
-        file.write(random.Random(9).randbytes(8 * MiB))
-        file.truncate(SIZE)
-    spec_file = tmp_path / "vpg.yaml"
-    spec_file.write_text(SPEC.format(source=source))
-    port = s3server.free_port()
-    args = [
-        "--storage",
-        s3_env.store_url,
-        "--state-dir",
-        str(s3_env.state_dir),
-        "--port",
-        str(port),
-        "--takeover",
-        "force",
-        str(spec_file),
-    ]
+    source, args, url = _endpoint_args(
+        tmp_path, s3_env.store_url, s3_env.state_dir, SPEC, seed=9, data_mib=8
+    )
     stderr = tmp_path / "endpoint.stderr"
-    url = f"nbd://127.0.0.1:{port}/crash/vm/root"
     expected: dict[int, bytes] = {}
 
     first = await EndpointProcess.start(*args, stderr=stderr)
@@ -205,11 +223,4 @@ async def test_kill_9_then_restart_resyncs_the_dirty_regions(
     assert re.search(r"Closed cleanly: final checkpoint \d+ durable", second.output)
     assert _dirty_regions(s3_env.state_dir / "crash" / "vm" / "root.dirty") == []
 
-    listed = await _checkpoints(s3_env.store)
-    latest = await s3_env.recover("crash", listed[-1].id)
-    assert_same(latest[("vm", "root")], source.read_bytes(), "the latest checkpoint")
-    for checkpoint_id, image in expected.items():
-        recovered = await s3_env.recover("crash", checkpoint_id)
-        assert_same(
-            recovered[("vm", "root")], image, f"checkpoint {checkpoint_id} (before the crash)"
-        )
+    await _assert_recoveries(s3_env, source.read_bytes(), expected)

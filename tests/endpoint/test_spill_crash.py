@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
-import random
 import signal
 import urllib.parse
 
@@ -26,8 +25,15 @@ import pytest
 
 from tests import s3server
 
-from ._support import EndpointEnv, MiB, assert_same, eventually, run
-from .test_crash import SIZE, EndpointProcess, _checkpoints, _dirty_regions, _next_checkpoint
+from ._support import EndpointEnv, eventually, run
+from .test_crash import (
+    EndpointProcess,
+    _assert_recoveries,
+    _checkpoints,
+    _dirty_regions,
+    _endpoint_args,
+    _next_checkpoint,
+)
 
 SPEC = """\
 apiVersion: ebbtide.io/v1alpha1
@@ -117,26 +123,10 @@ async def test_kill_9_with_spilled_segments_then_restart_resyncs(
     assert target.port is not None
     relay = Relay(target.hostname, target.port)
     await relay.start()
-    source = tmp_path / "source.raw"
-    with source.open("wb") as file:
-        file.write(random.Random(7).randbytes(4 * MiB))
-        file.truncate(SIZE)
-    spec_file = tmp_path / "vpg.yaml"
-    spec_file.write_text(SPEC.format(source=source))
-    port = s3server.free_port()
-    args = [
-        "--storage",
-        _through(s3_env.store_url, relay),
-        "--state-dir",
-        str(s3_env.state_dir),
-        "--port",
-        str(port),
-        "--takeover",
-        "force",
-        str(spec_file),
-    ]
+    source, args, url = _endpoint_args(
+        tmp_path, _through(s3_env.store_url, relay), s3_env.state_dir, SPEC, seed=7, data_mib=4
+    )
     stderr = tmp_path / "endpoint.stderr"
-    url = f"nbd://127.0.0.1:{port}/crash/vm/root"
     spill = s3_env.state_dir / "crash" / "spill"
     expected: dict[int, bytes] = {}
     try:
@@ -183,11 +173,4 @@ async def test_kill_9_with_spilled_segments_then_restart_resyncs(
         with contextlib.suppress(Exception):
             await relay.close()
 
-    listed = await _checkpoints(s3_env.store)
-    latest = await s3_env.recover("crash", listed[-1].id)
-    assert_same(latest[("vm", "root")], source.read_bytes(), "the latest checkpoint")
-    for checkpoint_id, image in expected.items():
-        recovered = await s3_env.recover("crash", checkpoint_id)
-        assert_same(
-            recovered[("vm", "root")], image, f"checkpoint {checkpoint_id} (before the crash)"
-        )
+    await _assert_recoveries(s3_env, source.read_bytes(), expected)
