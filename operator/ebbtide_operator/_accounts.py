@@ -45,6 +45,14 @@ class ResolvedAccount:
                 "InvalidStorageAccount", f"StorageAccount {self.name!r}: {exc}"
             ) from None
 
+    async def check(self) -> None:
+        """Open the store, reach the bucket, close: raises AccountProblem or StorageError."""
+        store = self.open()
+        try:
+            await store.check()
+        finally:
+            await store.close()
+
 
 def first(index: Index, key: Key) -> Any:
     """The value a Kopf index holds for ``key``, or None."""

@@ -107,11 +107,7 @@ class Controller:
             account = _accounts.resolve(
                 namespace, name, accounts=kwargs["storage_accounts"], secrets=kwargs["secrets"]
             )
-            store = account.open()
-            try:
-                await store.check()
-            finally:
-                await store.close()
+            await account.check()
         except (_accounts.AccountProblem, ebbtide_engine.StorageError) as exc:
             reason, message = _state.problem(exc)
             _state.write_status(

@@ -313,11 +313,7 @@ class VpgHandlers:
             return False
         self._rejected.pop(key, None)
         try:
-            store = account.open()
-            try:
-                await store.check()
-            finally:
-                await store.close()
+            await account.check()
         except (_accounts.AccountProblem, ebbtide_engine.StorageError) as exc:
             _reason, message = _state.problem(exc)
             logger.warning(
