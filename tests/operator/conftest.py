@@ -23,6 +23,7 @@ import kopf
 import pytest
 import yaml
 
+import ebbtide_engine
 import ebbtide_operator
 from ebbtide_operator import _endpoints
 from tests import s3server
@@ -271,6 +272,19 @@ def recovery(name: str, vpg_name: str, path: pathlib.Path | None, **spec: Any) -
 
 def protecting(status: dict[str, Any]) -> bool:
     return status.get("phase") == "MeetingSLA" and "lastCheckpoint" in status
+
+
+async def protect_shop(cluster: Cluster, account_dir: pathlib.Path) -> None:
+    """The usual start: StorageAccount "local" on ``account_dir``, VPG "shop" on it, protecting."""
+    await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
+    await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
+
+
+def shop_runtime(controller: ebbtide_operator.Controller) -> ebbtide_engine.VpgRuntime:
+    """The open runtime of VPG "shop" in namespace default."""
+    runtime = controller.runtime("default", "shop")
+    assert runtime is not None
+    return runtime
 
 
 async def settled(awaitable: Awaitable[Any]) -> None:

@@ -21,8 +21,10 @@ from .conftest import (
     endpoint_config,
     fast_config,
     needs_kubectl,
+    protect_shop,
     protecting,
     recovery,
+    shop_runtime,
     vpg,
 )
 
@@ -102,10 +104,8 @@ async def test_failover_waits_for_a_person_then_commits_and_the_vpg_protects_aga
     cluster: Cluster, operators: Operators, account_dir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
     async with operators.run(fast_config(state_dir=str(tmp_path / "state"))) as controller:
-        await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
-        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
-        runtime = controller.runtime("default", "shop")
-        assert runtime is not None
+        await protect_shop(cluster, account_dir)
+        runtime = shop_runtime(controller)
         await runtime.write("web", "root", 8192, b"w" * 4096)
         await runtime.write("db", "log", 0, b"d" * 4096)
         tagged = await runtime.checkpoint(tag="before-disaster")
@@ -164,10 +164,8 @@ async def test_move_quiesces_takes_a_final_checkpoint_and_rolls_back_at_the_time
     endpoint = RecordingEndpoint()
     config = fast_config(state_dir=str(tmp_path / "state"), endpoint=endpoint)
     async with operators.run(config) as controller:
-        await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
-        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
-        runtime = controller.runtime("default", "shop")
-        assert runtime is not None
+        await protect_shop(cluster, account_dir)
+        runtime = shop_runtime(controller)
         await runtime.write("web", "root", 0, b"last-write" * 100)  # no checkpoint after it
         endpoint.calls.clear()
 
@@ -285,8 +283,7 @@ async def test_a_failover_waiting_for_commit_survives_an_operator_restart(
     config = fast_config(state_dir=str(tmp_path / "state"), endpoint=endpoint)
     out = tmp_path / "moved"
     async with operators.run(config):
-        await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
-        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
+        await protect_shop(cluster, account_dir)
         await cluster.apply(failover("mv", "Move", {"type": "Images", "path": str(out)}))
         await cluster.wait_status("Recovery", "mv", lambda s: s.get("phase") == "Ready")
     # The operator stopped while the Move waited for a person.
@@ -315,8 +312,7 @@ async def test_deleting_an_undecided_failover_rolls_it_back(
 ) -> None:
     out = tmp_path / "fo"
     async with operators.run(fast_config(state_dir=str(tmp_path / "state"))):
-        await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
-        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
+        await protect_shop(cluster, account_dir)
         await cluster.apply(failover("fo", "Failover", {"type": "Images", "path": str(out)}))
         await cluster.wait_status("Recovery", "fo", lambda s: s.get("phase") == "Ready")
         assert (out / "web" / "root.raw").exists()

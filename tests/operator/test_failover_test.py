@@ -12,11 +12,10 @@ from tests.nbd._support import need, run
 from .conftest import (
     Cluster,
     Operators,
-    account,
     fast_config,
     needs_kubectl,
-    protecting,
-    vpg,
+    protect_shop,
+    shop_runtime,
 )
 from .test_failover import _expected, _patch, failover
 
@@ -39,10 +38,8 @@ async def test_a_failover_test_serves_the_checkpoint_over_nbd_and_a_stop_records
     need("qemu-img")
     need("qemu-io")
     async with operators.run(fast_config(state_dir=str(tmp_path / "state"))) as controller:
-        await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
-        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
-        runtime = controller.runtime("default", "shop")
-        assert runtime is not None
+        await protect_shop(cluster, account_dir)
+        runtime = shop_runtime(controller)
         await runtime.write("web", "root", 65536, b"T" * 8192)
         await runtime.write("db", "log", 0, b"L" * 4096)
         chosen = await runtime.checkpoint(tag="for-test")
@@ -121,10 +118,8 @@ async def test_deleting_a_failover_test_ends_it_and_records_it(
     cluster: Cluster, operators: Operators, account_dir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
     async with operators.run(fast_config(state_dir=str(tmp_path / "state"))) as controller:
-        await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
-        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
-        runtime = controller.runtime("default", "shop")
-        assert runtime is not None
+        await protect_shop(cluster, account_dir)
+        runtime = shop_runtime(controller)
         await cluster.apply(failover_test("drill", vms=["db"]))
         ready = await cluster.wait_status("Recovery", "drill", lambda s: s.get("phase") == "Ready")
         assert [(e["vm"], e["disk"]) for e in ready["exports"]] == [("db", "log")]
@@ -141,8 +136,7 @@ async def test_a_failover_test_running_at_a_restart_is_ended_and_recorded(
 ) -> None:
     config = fast_config(state_dir=str(tmp_path / "state"))
     async with operators.run(config):
-        await cluster.apply(account("local", account_dir.as_uri()), vpg("shop", "local"))
-        await cluster.wait_status("VirtualProtectionGroup", "shop", protecting)
+        await protect_shop(cluster, account_dir)
         await cluster.apply(failover_test("drill"))
         await cluster.wait_status("Recovery", "drill", lambda s: s.get("phase") == "Ready")
     async with operators.run(config) as controller:
