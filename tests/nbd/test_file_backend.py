@@ -6,6 +6,7 @@ import ctypes
 import errno
 import os
 import pathlib
+import threading
 
 import pytest
 
@@ -154,3 +155,31 @@ def test_close_is_idempotent(path: pathlib.Path) -> None:
     backend = FileBackend(path)
     backend.close()
     backend.close()
+
+
+async def test_plain_writes_run_on_the_loop_until_one_is_slow_then_in_threads(
+    path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain small writes are page-cache copies: inline; FUA, big or throttled ones: threads."""
+    threads: list[int] = []
+    with FileBackend(path) as backend:
+        real = backend._write
+
+        def recording(offset: int, data: bytes | memoryview, fua: bool) -> None:
+            threads.append(threading.get_ident())
+            real(offset, data, fua)
+
+        monkeypatch.setattr(backend, "_write", recording)
+        loop_thread = threading.get_ident()
+        await backend.write(0, b"\x01" * 4096, fua=False)
+        await backend.write(4096, b"\x02" * 4096, fua=True)
+        await backend.write(0, b"\x03" * (_file._INLINE_WRITE_MAX + 4096), fua=False)
+        assert [t == loop_thread for t in threads] == [True, False, False]
+        # The kernel throttles (a write took longer than the limit): threads for a while.
+        monkeypatch.setattr(_file, "_INLINE_WRITE_SLOW", -1.0)
+        await backend.write(8192, b"\x04" * 4096, fua=False)
+        await backend.write(8192, b"\x05" * 4096, fua=False)
+        assert [t == loop_thread for t in threads[3:]] == [True, False]
+    data = contents(path)
+    assert data[:4096] == b"\x03" * 4096
+    assert data[8192:12288] == b"\x05" * 4096

@@ -3,7 +3,15 @@
 In proxy mode the export *is* the protected disk: reads come from a local
 file or block device and every write lands there (and, one layer up, in the
 journal). This backend does the local part with positional I/O (os.pread /
-os.pwrite) in worker threads, so a slow disk never blocks the event loop.
+os.pwrite) in worker threads, so a slow disk never blocks the event loop;
+except plain writes (no FUA, up to 4 MiB), which only copy into the page
+cache: those are written on the loop itself. Handing each to a thread and
+back cost more than the copy, because the thread must win the GIL back from
+a busy loop before the reply can go (nbdcopy into a Proxy disk: 226-266
+MB/s with threads, 304-351 MB/s inline, same machine and run). When the
+kernel starts throttling (an inline write took over 10 ms: writeback is
+behind), writes go to threads again for a second, so a slow disk still
+never holds the loop for long.
 
 Durability: FUA and FLUSH call fdatasync(2). Trim punches a hole
 (fallocate PUNCH_HOLE|KEEP_SIZE); zeroing punches a hole when allowed, else
@@ -21,6 +29,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -33,6 +42,11 @@ _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV})
 #: Zeroes are written in pieces of this size when fallocate cannot help.
 _ZERO_CHUNK = 1024 * 1024
 _ZEROES = bytes(_ZERO_CHUNK)
+#: Plain writes up to this size are written on the event loop (see the module docstring).
+_INLINE_WRITE_MAX = 4 * 1024 * 1024
+#: An inline write slower than this (seconds) sends writes to threads for _THREADED_FOR.
+_INLINE_WRITE_SLOW = 0.01
+_THREADED_FOR = 1.0
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
@@ -78,6 +92,7 @@ class FileBackend:
             raise
         self._unsupported_modes: set[int] = set()
         self._lock = threading.Lock()
+        self._threaded_until = 0.0  # time.monotonic(): plain writes use threads until then
         self._closed = False
 
     def _prepare_size(self, size: int | None) -> int:
@@ -110,6 +125,12 @@ class FileBackend:
         return await asyncio.to_thread(self._read, offset, length)
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
+        if not fua and len(data) <= _INLINE_WRITE_MAX and time.monotonic() >= self._threaded_until:
+            started = time.monotonic()
+            self._write(offset, data, False)
+            if time.monotonic() - started > _INLINE_WRITE_SLOW:
+                self._threaded_until = time.monotonic() + _THREADED_FOR
+            return
         await asyncio.to_thread(self._write, offset, data, fua)
 
     async def flush(self) -> None:
