@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 from collections.abc import Awaitable, Callable
 
@@ -112,3 +113,45 @@ async def test_hot_regions_cost_no_map_write_and_streams_few(
     # two map writes (plus at most one for each checkpoint that clears bits).
     assert map_writes() - before <= 4
     assert endpoint.status().disks[0].dirty_regions in (0, SIZE // MiB)
+
+
+async def test_a_long_stream_marks_ahead_in_growing_runs_written_before_it_gets_there(
+    tmp_path: pathlib.Path,
+) -> None:
+    """1 GiB written sequentially in 1 MiB regions: few map writes, and the stream never waits.
+
+    The stream here is slower than a map write (it lets background map writes
+    finish after each write, as a real client's I/O does), so every region it
+    reaches was already durable, except at its very start.
+    """
+    regions = 1024
+    dirty = _dirtymap.DirtyMap(
+        tmp_path / "disk.dirty",
+        size=regions * MiB,
+        region_size=MiB,
+        epoch=1,
+        full=False,
+        mark_ahead=32,
+        max_mark_ahead=256,
+    )
+    waited = 0
+    for region in range(regions):
+        waited += not dirty._durable_bits[region]
+        marked = await dirty.mark(region * MiB, MiB)
+        dirty.written(marked, region + 1)
+        ahead = int(np.argmin(dirty.bits[region + 1 :])) if not dirty.bits[-1] else 0
+        assert ahead <= dirty.max_mark_ahead, f"{ahead} regions set ahead at {region}"
+        await asyncio.gather(*dirty._background)
+    # A fixed mark-ahead of 32 took 32 map writes, each waited for by the stream.
+    assert dirty.persists <= 12, dirty.persists
+    assert waited <= 2, waited
+    assert _set_bits(_endpoint.read_dirty_map(tmp_path / "disk.dirty")) == list(range(regions))
+
+
+async def test_random_writes_set_nothing_ahead(tmp_path: pathlib.Path) -> None:
+    dirty = _dirtymap.DirtyMap(
+        tmp_path / "disk.dirty", size=64 * MiB, region_size=MiB, epoch=1, full=False
+    )
+    for region in (40, 7, 22, 3, 60):
+        dirty.written(await dirty.mark(region * MiB, 4096), 1)
+    assert [int(i) for i in np.flatnonzero(dirty.bits)] == [3, 7, 22, 40, 60]

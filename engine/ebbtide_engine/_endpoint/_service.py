@@ -48,6 +48,7 @@ class EndpointOptions:
     port: int = 0  # 0: any free port (see Endpoint.urls)
     region_size: int = 1 << 20  # bytes per dirty-map bit, a power of two
     mark_ahead: int = 32  # regions set ahead of a sequential stream (see _dirtymap)
+    max_mark_ahead: int = 256  # ... at most, as the stream goes on (the crash-resync price)
     tls: ssl.SSLContext | None = None  # NBD STARTTLS (docs/nbd.md, "TLS")
     tls_required: bool = False
 
@@ -282,6 +283,7 @@ class Endpoint:
             full=why_full is not None,
             bits=image.bits if usable and image is not None else None,
             mark_ahead=self._options.mark_ahead,
+            max_mark_ahead=self._options.max_mark_ahead,
         )
         if disk.mode == "Proxy":
             local = self._sources.pop((vm, disk.name))
