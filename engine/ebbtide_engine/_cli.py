@@ -625,6 +625,7 @@ def _endpoint_panel(status: _endpoint.EndpointStatus) -> rich.panel.Panel:
                 "bold yellow" if waiting else "",
             ),
             " (writes wait)" if waiting else "",
+            " (uploads hold for a burst)" if runtime.uploads_held else "",
             f"   shipped {_demo.format_bytes(runtime.shipped_bytes)}   "
             f"uploads pending {runtime.pending_uploads}   retries {runtime.upload_retries}",
         ),

@@ -19,6 +19,17 @@ spill directory, or while spilling fails) ``write()`` waits and the NBD
 endpoint delays its replies: a slow or failing bucket slows the writer and
 grows the RPO, and never drops a write.
 
+Bursts. While writes arrive faster than ``RuntimeOptions.burst_rate``
+(64 MiB/s), uploads hold back: shipping (encoding aside, about
+three quarters of the CPU a written byte costs here, plus the S3 server's
+when it shares the machine) would otherwise take the cores the guest's
+writes need. An upload waits until writes pause for ``_BURST_IDLE``, or
+writers wait at the bounds, or the spill is nearly full, or its segment
+has waited ``journal.burstShipDelay`` (at most half the target RPO). So a
+burst the spill can hold is acknowledged at local-disk speed and shipped
+right after it; the RPO grows by at most that delay meanwhile; a steady
+stream the bucket keeps up with never spills and never waits.
+
 What it stores locally: only spill files, ``<first>-<last>-e<epoch>-<crc>.arrow``,
 each a segment exactly as it will be uploaded (not fsynced). A spilled
 write is no more durable than one in memory: it is durable once its
@@ -69,6 +80,13 @@ logger = logging.getLogger("ebbtide.runtime")
 CheckpointKind = _index.CheckpointKind
 T = TypeVar("T")
 
+#: A burst begins when writes arrive at RuntimeOptions.burst_rate or faster (measured
+#: over windows of _BURST_WINDOW seconds), and ends once none came for _BURST_IDLE.
+_BURST_WINDOW = 0.25
+_BURST_IDLE = 0.5
+#: The shortest wait of an upload held back by a burst before it looks again (seconds).
+_BURST_POLL = 0.005
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class RuntimeOptions:
@@ -92,6 +110,9 @@ class RuntimeOptions:
     spill_dir: pathlib.Path | None = None
     #: threads that encode sealed segments (Arrow IPC, checksums)
     encode_threads: int = 2
+    #: writes arriving at this rate or faster (bytes per second) are a burst, during
+    #: which uploads hold back (journal.burstShipDelay; module docstring, "Bursts")
+    burst_rate: int = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,6 +150,7 @@ class RuntimeStatus:
     spilled_bytes: int = 0  # encoded segments in the spill directory, not yet uploaded
     spill_error: str | None = None  # why spilling failed lately (None: working, or off)
     writes_waiting: int = 0  # writes held back right now by the bounds (backpressure)
+    uploads_held: int = 0  # uploads holding back for a write burst (journal.burstShipDelay)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,6 +171,7 @@ class _Upload:
     done: asyncio.Future[None]  # set once it is in the bucket
     ready: asyncio.Future[None]  # set once encoded (key, body and size known)
     memory: int  # bytes it holds in memory (counted in VpgRuntime._memory)
+    sealed_at: float = 0.0  # time.monotonic() when sealed
     key: str = ""
     body: bytes | None = None  # None once spilled (until read back for the upload)
     size: int = 0  # encoded bytes
@@ -217,6 +240,13 @@ class VpgRuntime:
         self._memory = 0  # bytes of unshipped data held in memory (the bound applies)
         self._spilled = 0  # bytes in spill files
         self._writes_waiting = 0  # writers inside _reserve, held back by the bounds
+        self._last_write = 0.0  # time.monotonic() of the latest write (bursts)
+        self._window_start = 0.0  # the write-rate window (bursts): when it started
+        self._window_bytes = 0  # written in it so far
+        self._burst = False  # a burst began and has not paused for _BURST_IDLE yet
+        self._burst_bytes = max(1, int(options.burst_rate * _BURST_WINDOW))  # in one window
+        self._burst_wakeup = asyncio.Event()  # something that may end a burst hold changed
+        self._burst_held = 0  # uploads holding back for a burst right now
         self._spilling = 0  # bytes being written to spill files
         self._spill_error: str | None = None
         self._spill_retry_at = 0.0  # monotonic; no spill before (after a failure)
@@ -381,6 +411,12 @@ class VpgRuntime:
         size = memoryview(data).nbytes
         self._check_open()
         self._check_range(vm, disk, offset, size)
+        now = self._last_write = time.monotonic()
+        if now - self._window_start >= _BURST_WINDOW:
+            self._window_start, self._window_bytes = now, 0
+        self._window_bytes += size
+        if self._window_bytes >= self._burst_bytes:
+            self._burst = True
         await self._reserve(size)
         self._check_open()
         lsn = self._take_lsn()
@@ -419,6 +455,7 @@ class VpgRuntime:
                 self._seal(buffer)
             self._maybe_spill()
             self._writes_waiting += 1
+            self._burst_wakeup.set()
             try:
                 async with self._space:
                     await self._space.wait_for(
@@ -455,7 +492,11 @@ class VpgRuntime:
             return False
         loop = asyncio.get_running_loop()
         upload = _Upload(
-            segment, loop.create_future(), loop.create_future(), memory=segment.payload_bytes
+            segment,
+            loop.create_future(),
+            loop.create_future(),
+            memory=segment.payload_bytes,
+            sealed_at=time.monotonic(),
         )
         self._uploads.append(upload)
         self._queue.put_nowait(upload)  # uploads start in seal order
@@ -697,8 +738,10 @@ class VpgRuntime:
             segment = upload.segment
             try:
                 # One at a time, in queue order: uploads start in the order of sealing
-                # even when a body has to be read back from its spill file first.
+                # even when a body has to be read back from its spill file first, or
+                # the upload holds back for a burst.
                 async with self._in_order:
+                    await self._hold_for_burst(upload)
                     body = await self._upload_body(upload)
             except Exception as exc:  # _SpillLost, or a failed encoding (a bug)
                 # Acknowledged writes that can no longer reach the bucket: stop, so that
@@ -744,7 +787,42 @@ class VpgRuntime:
             self._maybe_spill()
             self._wake_writers()
 
+    async def _hold_for_burst(self, upload: _Upload) -> None:
+        """Keep ``upload`` back while a burst outruns the bucket (module docstring, "Bursts")."""
+        delay = min(self.spec.journal.burst_ship_delay, self.spec.target_rpo / 2)
+        if not delay or not self._bursting(upload, delay):
+            return
+        self._burst_held += 1
+        try:
+            while self._bursting(upload, delay):
+                # Look again when the delay or the idle time could end it, or sooner
+                # when something else might (writers waiting, the spill, a close).
+                now = time.monotonic()
+                timeout = min(upload.sealed_at + delay, self._last_write + _BURST_IDLE) - now
+                self._burst_wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._burst_wakeup.wait(), max(timeout, _BURST_POLL))
+        finally:
+            self._burst_held -= 1
+
+    def _bursting(self, upload: _Upload, delay: float) -> bool:
+        journal = self.spec.journal
+        now = time.monotonic()
+        if now - self._last_write >= _BURST_IDLE and not self._writes_waiting:
+            self._burst = False
+        return (
+            self._burst
+            and not self._closed
+            and self._lease.lost is None
+            and self._spill_on()
+            and now - upload.sealed_at < delay
+            and self._spilled + self._spilling + 4 * journal.segment_max_bytes
+            <= journal.max_spill_bytes
+        )
+
     def _wake_writers(self) -> None:
+        self._burst_wakeup.set()
+
         async def notify() -> None:
             async with self._space:
                 self._space.notify_all()
@@ -933,6 +1011,7 @@ class VpgRuntime:
             spilled_bytes=self._spilled,
             spill_error=self._spill_error,
             writes_waiting=self._writes_waiting,
+            uploads_held=self._burst_held,
             shipped_bytes=self._shipped,
             journal_bytes=dict(self._journal_bytes),
             pending_uploads=len(self._uploads),
@@ -955,6 +1034,7 @@ class VpgRuntime:
             if self._lease.lost is None:
                 final = self.request_checkpoint(CheckpointKind.AUTOMATIC)
                 self._closed = True
+                self._burst_wakeup.set()  # held uploads go now
                 await final
                 shutdown = _format.IndexRecord(
                     record=_format.RECORD_SHUTDOWN,

@@ -132,6 +132,9 @@ class JournalSpec(_Model):
     #: (the endpoint's state directory); 0: no spill, writers wait at the memory bound
     max_spill_bytes: Annotated[Bytes, pydantic.Field(ge=0, le=1 << 50)] = 4 << 30
     upload_concurrency: Annotated[int, pydantic.Field(ge=1, le=64)] = 8
+    #: while a write burst outruns the bucket (segments are spilling), uploads may wait up
+    #: to this long so the guest's writes are acknowledged at local-disk speed; 0: never wait
+    burst_ship_delay: Annotated[Seconds, pydantic.Field(ge=0, le=300)] = 10.0
     #: per VM: bytes, a quantity, a percentage of the VM's disks ("50%") or "Unlimited"
     hard_limit: str | int = "Unlimited"
     #: per VM, below the hard limit: raises the JournalNearLimit condition

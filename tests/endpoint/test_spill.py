@@ -8,6 +8,11 @@ in the order they were sealed once the bucket answers, and the checkpoint
 after them recovers to the image. Past ``maxSpillBytes``, or when the spill
 directory cannot be written, writers wait for the bucket instead: slower,
 never a dropped write.
+
+Bursts: while writes arrive faster than ``RuntimeOptions.burst_rate``, the
+uploads hold back (``journal.burstShipDelay``, at most half the target
+RPO), so a burst is acknowledged before any of it ships, and shipped as
+soon as it pauses.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import pathlib
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -43,10 +49,12 @@ class RecordingStore(FaultyStore):
     def __init__(self, inner: storage.ObjectStore) -> None:
         super().__init__(inner)
         self.segment_puts: list[str] = []
+        self.segment_put_times: list[float] = []  # time.monotonic() as each one started
 
     async def put_new(self, key: str, data: bytes) -> storage.ObjectInfo:
         if "/journal/" in key:
             self.segment_puts.append(key)
+            self.segment_put_times.append(time.monotonic())
         return await super().put_new(key, data)
 
 
@@ -226,3 +234,79 @@ async def test_a_full_disk_while_spilling_falls_back_to_waiting(
     recovered = await s3_env.recover("enospc", checkpoint.id)
     assert_same(recovered[("vm", "root")], image.read_bytes(), "recovered after ENOSPC")
     assert _spill_files(s3_env, "enospc") == []  # the partial file was removed too
+
+
+# --- bursts ---------------------------------------------------------------------------
+
+
+async def test_a_burst_is_acknowledged_before_any_of_it_ships_then_ships_at_once(
+    s3_env: EndpointEnv, stores: list[RecordingStore], tmp_path: pathlib.Path
+) -> None:
+    store = _recording(s3_env, stores)
+    # Any write rate is a burst here, so the test does not depend on the machine's speed.
+    endpoint = await s3_env.open(_spec("burst"), store=store, burst_rate=1)
+    await endpoint.runtime.checkpoint()
+    before = len(store.segment_puts)
+    image = _image(tmp_path, 5)
+    copying = _copy(image, endpoint)
+    await eventually(lambda: endpoint.status().runtime.uploads_held > 0, "an upload held back")
+    await copying
+    acknowledged = time.monotonic()
+    assert endpoint.status().disks[0].bytes_written == SIZE
+    assert store.segment_puts[before:] == [], "nothing ships while the burst goes on"
+    assert endpoint.status().spilled_bytes > 0  # past the memory bound, it spilled instead
+    # Once writes pause, everything ships without waiting for the delay (10 s).
+    checkpoint = await asyncio.wait_for(endpoint.runtime.checkpoint(), timeout=8)
+    assert store.segment_put_times[before] - acknowledged < 5
+    status = endpoint.status()
+    assert (status.runtime.uploads_held, status.unshipped_bytes, status.spilled_bytes) == (0, 0, 0)
+    layout = _keys.VpgLayout("burst")
+    firsts = [layout.parse_segment(key).first_lsn for key in store.segment_puts]
+    assert firsts == sorted(firsts)  # still in seal order
+    recovered = await s3_env.recover("burst", checkpoint.id)
+    assert_same(recovered[("vm", "root")], image.read_bytes(), "recovered after the burst")
+
+
+async def test_with_burst_ship_delay_0_uploads_go_during_the_burst(
+    s3_env: EndpointEnv, stores: list[RecordingStore], tmp_path: pathlib.Path
+) -> None:
+    store = _recording(s3_env, stores)
+    spec = _spec("eager", burstShipDelay="0s")
+    endpoint = await s3_env.open(spec, store=store, burst_rate=1)
+    await endpoint.runtime.checkpoint()
+    before = len(store.segment_puts)
+    held = 0
+    copying = _copy(_image(tmp_path, 6), endpoint)
+    while not copying.done():
+        held = max(held, endpoint.status().runtime.uploads_held)
+        await asyncio.sleep(0.001)
+    await copying
+    assert held == 0
+    assert len(store.segment_puts) > before, "segments shipped while the client wrote"
+
+
+async def test_a_long_burst_ships_segments_once_they_waited_the_delay(
+    s3_env: EndpointEnv, stores: list[RecordingStore]
+) -> None:
+    """A stream that never pauses: each segment ships after burstShipDelay, bounded by the RPO.
+
+    burstShipDelay 30s, targetRpo 2s: the effective delay is 1 s (half the RPO).
+    """
+    store = _recording(s3_env, stores)
+    spec = _spec("stream", burstShipDelay="30s").model_copy(update={"target_rpo": 2.0})
+    endpoint = await s3_env.open(spec, store=store, burst_rate=1)
+    await endpoint.runtime.checkpoint()
+    before = len(store.segment_puts)
+    data = bytes(range(256)) * 256  # 64 KiB
+    started = time.monotonic()
+    offset = 0
+    while time.monotonic() - started < 3.0:  # a write every 5 ms, never a 0.5 s pause
+        await endpoint.runtime.write("vm", "root", offset, data)
+        offset = (offset + len(data)) % SIZE
+        await asyncio.sleep(0.005)
+    shipped = store.segment_put_times[before:]
+    assert shipped, "segments shipped while the stream went on"
+    assert shipped[0] - started >= 0.9, "the first segment waited the delay"
+    assert shipped[0] - started < 2.5, "... and no longer"
+    await endpoint.runtime.checkpoint()
+    assert endpoint.status().unshipped_bytes == 0

@@ -145,6 +145,7 @@ def test_defaults_are_filled_in_as_the_api_server_would() -> None:
         "uploadConcurrency": 8,
         "hardLimit": "Unlimited",
         "maxSpillBytes": "4Gi",
+        "burstShipDelay": "10s",
     }
     assert spec["onDelete"] == "Retain"
     assert {disk["mode"] for vm in spec["vms"] for disk in vm["disks"]} == {"Mirror"}
@@ -364,6 +365,12 @@ MISTAKES: list[tuple[str, str, Mutation, str]] = [
         VPG,
         _set("spec.journal", {"uploadConcurrency": 0}),
         "spec.journal.uploadConcurrency in body should be greater than or equal to 1",
+    ),
+    (
+        "a burst ship delay of an hour",
+        VPG,
+        _set("spec.journal", {"burstShipDelay": "1h"}),
+        "burstShipDelay must be at most 5m",
     ),
     (
         "onDelete spelled as in Velero",
@@ -588,6 +595,9 @@ ENGINE_EDGES: list[tuple[str, Mutation]] = [
         _set("spec.journal", {"segmentMaxBytes": "8Mi", "maxUnshippedBytes": "15Mi"}),
     ),
     ("concurrency 64", _set("spec.journal", {"uploadConcurrency": 64})),
+    ("burst ship delay 0s", _set("spec.journal", {"burstShipDelay": "0s"})),
+    ("burst ship delay 5m", _set("spec.journal", {"burstShipDelay": "5m"})),
+    ("burst ship delay 301s", _set("spec.journal", {"burstShipDelay": "301s"})),
     ("concurrency 65", _set("spec.journal", {"uploadConcurrency": 65})),
     (
         "Proxy with a source",
