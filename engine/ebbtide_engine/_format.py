@@ -28,6 +28,10 @@ from typing import Any
 
 import crc32c
 import numpy as np
+
+# pa.array() of a numpy array imports numpy.ma on first use: import it with this
+# module, not under the GIL inside the first segment encoded during a write burst.
+import numpy.ma
 import pyarrow as pa
 
 from ebbtide_engine import _errors
