@@ -253,6 +253,11 @@ class DirtyMap:
 
     def written(self, marked: Marked, lsn: int) -> None:
         """The write was journaled with ``lsn``."""
+        if marked.first == marked.last:  # most writes: scalar numpy access is cheaper
+            self.inflight[marked.first] -= 1
+            if self.last_lsn[marked.first] < lsn:
+                self.last_lsn[marked.first] = lsn
+            return
         span = slice(marked.first, marked.last + 1)
         self.inflight[span] -= 1
         np.maximum(self.last_lsn[span], np.uint64(lsn), out=self.last_lsn[span])
