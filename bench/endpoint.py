@@ -21,7 +21,8 @@ bytes its spill directory held (sampled every 20 ms), and the endpoint
 process's peak RSS (VmHWM, read from /proc before it is stopped). After
 each endpoint run, outside any timing, the latest checkpoint is recovered
 from the bucket and its SHA-256 compared with the image's: a wrong byte
-fails the benchmark.
+fails the benchmark. Then the S3 server is emptied (moto holds objects in
+its own memory; a real bucket is not on the endpoint's machine).
 
 Target: endpoint >= 0.5 of qemu-nbd for each client. Results: a table, and
 JSON in ``bench/results/endpoint.json``. See bench/README.md and
@@ -371,6 +372,17 @@ def _wait_port(port: int, timeout: float = 10) -> None:
             time.sleep(0.02)
 
 
+def _empty(server: Any) -> None:
+    """Empty the S3 server between runs and create the bucket again.
+
+    moto keeps every object in its own memory: without this, the gigabytes of
+    earlier runs squeeze the page cache that the next run writes through, and
+    later runs measured slower than earlier ones of the same kind.
+    """
+    server.reset()
+    server.create_bucket(BUCKET)
+
+
 def _wait_for(log: Any, text: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -550,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                     SCRIPT, "put", ["--storage", storage, "--size-mib", str(args.size_mib)]
                 )
             ceilings.append(put["mb_per_s"])
+            _empty(server)
             console.print(f"  S3 PUT ceiling                       {put['mb_per_s']:7.0f} MB/s")
             for client in CLIENTS:
                 order = ["endpoint", "qemu-nbd"] if rep % 2 == 0 else ["qemu-nbd", "endpoint"]
@@ -562,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             run = bench.endpoint(client, unbounded=server_kind != "endpoint")
                     runs.append(run)
+                    _empty(server)  # (each endpoint run was verified before it returned)
                     durable = (
                         f", durable after {run['durable_seconds']:.2f} s, peak spilled "
                         f"{_common.mib(run['peak_spilled_bytes']):.0f} MiB, peak RSS "
