@@ -8,12 +8,11 @@ Both modes share one write path; they differ in what the local file is:
   answered with what the hypervisor wrote.
 
 Every write, TRIM and WRITE_ZEROES goes: dirty-map bit set and durable
-(write-ahead) -> local file and journal (``VpgRuntime``, which assigns the
-LSN) at the same time: the file in a worker thread, the journal's copy on
-the loop -> NBD reply once both are done. The local file and the journal are updated under one
-per-disk lock, so they see changes in the same order even when several
-connections write to one export (the server does not advertise multi-conn,
-but nothing stops two clients). The reply leaves only after the journal
+(write-ahead) -> journal (``VpgRuntime``, which assigns the LSN and copies
+the data) -> local file -> NBD reply. The local file and the journal are
+updated under one per-disk lock, so they see changes in the same order even
+when several connections write to one export (the server does not advertise
+multi-conn, but nothing stops two clients). The reply leaves only after the journal
 append, so a client that waits for one write's reply before sending
 another (to any disk of the VPG) gets LSNs in that order: the write-order
 fidelity that makes a VPG-wide checkpoint crash-consistent.
@@ -196,20 +195,14 @@ class ProtectedDisk:
         marked = await self.dirty.mark(offset, length)
         try:
             async with self._order:
-                # The local change (a worker thread) and the journal append (the
-                # arena copy, on the loop) run at the same time; both finish
-                # before the next change to this disk starts, and before the reply.
-                applying = asyncio.ensure_future(apply())
-                try:
-                    lsn = await journal()
-                except BaseException:
-                    # Wait anyway: the thread may still be reading ``data``. The
-                    # journal's error is the one reported.
-                    await asyncio.wait((applying,))
-                    if not applying.cancelled():
-                        applying.exception()
-                    raise
-                await applying
+                # The journal append (the LSN, the arena copy), then the local
+                # change; both finish before the next change to this disk starts,
+                # and before the reply. One after the other, not side by side: the
+                # local write of a plain write is a page-cache copy on the loop
+                # itself (FileBackend), and a task to run it beside the append
+                # cost two more turns of the loop per write.
+                lsn = await journal()
+                await apply()
         except BaseException as exc:
             # One of the two may hold the change while the other does not: the
             # region stays dirty, and a resync journals the source's bytes again.
