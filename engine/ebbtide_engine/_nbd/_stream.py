@@ -33,6 +33,8 @@ _HIGH_WATER = 128 * 1024
 #: for one more socket read.
 _CAPACITY = _HIGH_WATER + 128 * 1024
 _DISCARD_CHUNK = 256 * 1024
+#: Writes up to this size are gathered and sent once per turn of the loop (write()).
+_GATHER_MAX = 512
 
 
 class Channel(asyncio.BufferedProtocol):
@@ -55,6 +57,8 @@ class Channel(asyncio.BufferedProtocol):
         self._data_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._gathered: list[bytes] = []  # small writes to send together (write())
+        self._flush_scheduled = False
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._over_tls = False
 
@@ -227,9 +231,39 @@ class Channel(asyncio.BufferedProtocol):
     # --- writing and closing ---------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Queue ``data``; silently dropped once the connection is gone (reads will fail)."""
-        if self._transport is not None and not self._lost and not self._transport.is_closing():
+        """Queue ``data``; silently dropped once the connection is gone (reads will fail).
+
+        Small writes (reply headers) are gathered and sent together when the
+        loop next turns: a worker that answers several queued requests in one
+        go sends them in one segment, not one send(2) each. Anything larger
+        first sends what is gathered, so the order on the wire is the order
+        of the calls.
+        """
+        if len(data) <= _GATHER_MAX:
+            self._gathered.append(data)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+            return
+        self._flush()
+        if self._usable():
+            assert self._transport is not None
             self._transport.write(data)
+
+    def _flush(self) -> None:
+        """Send the gathered small writes now."""
+        self._flush_scheduled = False
+        if not self._gathered:
+            return
+        data = b"".join(self._gathered)
+        self._gathered.clear()
+        if self._usable():
+            assert self._transport is not None
+            self._transport.write(data)
+
+    def _usable(self) -> bool:
+        transport = self._transport
+        return transport is not None and not self._lost and not transport.is_closing()
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""
@@ -243,6 +277,7 @@ class Channel(asyncio.BufferedProtocol):
     async def start_tls(self, context: ssl.SSLContext) -> None:
         """Upgrade to TLS as the server side; the caller checks ``pending() == 0`` first."""
         assert self._transport is not None
+        self._flush()  # the plain-text reply that accepts STARTTLS goes first
         transport = await asyncio.get_running_loop().start_tls(
             self._transport, self, context, server_side=True
         )
@@ -265,6 +300,7 @@ class Channel(asyncio.BufferedProtocol):
         """Close after sending what is queued (and TLS close_notify); abort if that stalls."""
         if self._transport is None:
             return
+        self._flush()
         self._transport.close()
         try:
             async with asyncio.timeout(within):
