@@ -150,7 +150,7 @@ class RuntimeStatus:
     spilled_bytes: int = 0  # encoded segments in the spill directory, not yet uploaded
     spill_error: str | None = None  # why spilling failed lately (None: working, or off)
     writes_waiting: int = 0  # writes held back right now by the bounds (backpressure)
-    uploads_held: int = 0  # uploads holding back for a write burst (journal.burstShipDelay)
+    uploads_held: int = 0  # sealed segments not yet uploading because of a write burst
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1011,7 +1011,9 @@ class VpgRuntime:
             spilled_bytes=self._spilled,
             spill_error=self._spill_error,
             writes_waiting=self._writes_waiting,
-            uploads_held=self._burst_held,
+            uploads_held=(
+                sum(not upload.uploading for upload in self._uploads) if self._burst_held else 0
+            ),
             shipped_bytes=self._shipped,
             journal_bytes=dict(self._journal_bytes),
             pending_uploads=len(self._uploads),
