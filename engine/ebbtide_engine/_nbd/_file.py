@@ -125,11 +125,12 @@ class FileBackend:
         return await asyncio.to_thread(self._read, offset, length)
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool) -> None:
-        if not fua and len(data) <= _INLINE_WRITE_MAX and time.monotonic() >= self._threaded_until:
-            started = time.monotonic()
+        started = time.monotonic()
+        if not fua and len(data) <= _INLINE_WRITE_MAX and started >= self._threaded_until:
             self._write(offset, data, False)
-            if time.monotonic() - started > _INLINE_WRITE_SLOW:
-                self._threaded_until = time.monotonic() + _THREADED_FOR
+            ended = time.monotonic()
+            if ended - started > _INLINE_WRITE_SLOW:
+                self._threaded_until = ended + _THREADED_FOR
             return
         await asyncio.to_thread(self._write, offset, data, fua)
 
