@@ -246,7 +246,7 @@ class VpgRuntime:
         self._burst = False  # a burst began and has not paused for _BURST_IDLE yet
         self._burst_bytes = max(1, int(options.burst_rate * _BURST_WINDOW))  # in one window
         self._burst_wakeup = asyncio.Event()  # something that may end a burst hold changed
-        self._burst_held = 0  # uploads holding back for a burst right now
+        self._burst_holding = False  # an upload worker holds back for a burst (one at most)
         self._spilling = 0  # bytes being written to spill files
         self._spill_error: str | None = None
         self._spill_retry_at = 0.0  # monotonic; no spill before (after a failure)
@@ -792,7 +792,7 @@ class VpgRuntime:
         delay = min(self.spec.journal.burst_ship_delay, self.spec.target_rpo / 2)
         if not delay or not self._bursting(upload, delay):
             return
-        self._burst_held += 1
+        self._burst_holding = True
         try:
             while self._bursting(upload, delay):
                 # Look again when the delay or the idle time could end it, or sooner
@@ -803,7 +803,7 @@ class VpgRuntime:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._burst_wakeup.wait(), max(timeout, _BURST_POLL))
         finally:
-            self._burst_held -= 1
+            self._burst_holding = False
 
     def _bursting(self, upload: _Upload, delay: float) -> bool:
         journal = self.spec.journal
@@ -1012,7 +1012,7 @@ class VpgRuntime:
             spill_error=self._spill_error,
             writes_waiting=self._writes_waiting,
             uploads_held=(
-                sum(not upload.uploading for upload in self._uploads) if self._burst_held else 0
+                sum(not upload.uploading for upload in self._uploads) if self._burst_holding else 0
             ),
             shipped_bytes=self._shipped,
             journal_bytes=dict(self._journal_bytes),
